@@ -28,3 +28,7 @@ class RunDirectoryError(NeurpirError):
 
 class ModelError(NeurpirError):
     """Model directory or checkpoint that is missing, incomplete or written by an incompatible version."""
+
+
+class TrainingError(NeurpirError):
+    """Training that cannot start or cannot go on, such as a missing CUDA device or a loss that became NaN."""

@@ -32,11 +32,10 @@ class Recording:
         One float64 array of spike times in seconds per neuron: finite, non-negative
         and ascending after sanitising.
     positions
-        (n_neurons, 3) float64 positions. Micrometres when read from ``unit_x/y/z``
-        or electrode ``x/y/z``, electrode row numbers when ``position_source`` is
-        ``"electrode_row"``.
+        (n_neurons, 3) float64 positions, in the unit the file uses for ``unit_x/y/z``
+        or electrode ``x/y/z``; row numbers for ``"electrode_row"`` and ``"unit_row"``.
     position_source
-        ``"unit_xyz"``, ``"electrode_xyz"`` or ``"electrode_row"``.
+        ``"unit_xyz"``, ``"electrode_xyz"``, ``"electrode_row"`` or ``"unit_row"``.
     labels
         Label name to an array of str, one per neuron; ``""`` marks a missing label.
     t_start_s, t_stop_s

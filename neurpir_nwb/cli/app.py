@@ -1,0 +1,68 @@
+"""The typer application, its global options and the mapping of errors to one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import click
+import typer
+
+from neurpir_nwb._version import __version__
+from neurpir_nwb.cli import train as train_command
+from neurpir_nwb.cli.base import configure_logging, console
+from neurpir_nwb.errors import NeurpirError
+
+app = typer.Typer(
+    name="neurpir-nwb",
+    help="Learn one time-invariant embedding per neuron from NWB recordings, and predict cell type and brain region.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Whether a failure prints its full traceback; set by --debug.
+_state = {"debug": False}
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"neurpir-nwb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages too.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Log warnings and errors only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback when a command fails.")] = False,
+) -> None:
+    """Learn one time-invariant embedding per neuron from NWB recordings."""
+    _state["debug"] = debug
+    configure_logging(verbose=verbose, quiet=quiet)
+
+
+app.command("train")(train_command.train)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the program, turning a known error into one line on standard error and exit status 2."""
+    try:
+        app(args=argv, prog_name="neurpir-nwb", standalone_mode=False)
+    except NeurpirError as error:
+        if _state["debug"]:
+            console.print_exception()
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    sys.exit(0)

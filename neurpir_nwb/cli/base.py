@@ -1,0 +1,86 @@
+"""What every command shares: logging handlers, the per-run log file and progress bars.
+
+Logging handlers are set here and nowhere in the library.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from neurpir_nwb._version import __version__
+from neurpir_nwb.progress import Advance, Progress
+
+#: Logs and progress bars go to standard error, so standard output stays for results.
+console = Console(stderr=True)
+
+LOGGER_NAME = "neurpir_nwb"
+
+
+def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+    """Send the package's log records to the terminal."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+@contextmanager
+def run_log(path: Path) -> Iterator[Path]:
+    """Also write every log record of the package to ``path``, starting with the versions and the command line."""
+    from neurpir_nwb.pipeline import software_versions
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.addHandler(handler)
+    try:
+        logger.debug("neurpir-nwb %s", __version__)
+        logger.debug("versions: %s", ", ".join(f"{name} {version}" for name, version in software_versions().items()))
+        logger.debug("command line: %s", shlex.join(sys.argv))
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+class ProgressBars(Progress):
+    """Rich progress bars on standard error, one per stage."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    @contextmanager
+    def stage(self, description: str, total: int | None) -> Iterator[Advance]:
+        if not self.enabled:
+            yield lambda completed: None
+            return
+
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
+        with RichBars(*columns, console=console, transient=False) as bars:
+            task = bars.add_task(description, total=total)
+
+            def advance(completed: int) -> None:
+                bars.update(task, completed=completed)
+
+            yield advance

@@ -1,0 +1,93 @@
+"""``neurpir-nwb train RECIPE``: run a recipe from NWB files to embeddings, probe and NWB outputs."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from neurpir_nwb.cli.base import ProgressBars, console, run_log
+from neurpir_nwb.pipeline import prepare_run_directory, run_recipe
+from neurpir_nwb.recipe import load_recipe
+
+logger = logging.getLogger(__name__)
+
+
+class Device(str, enum.Enum):
+    """Devices a run can train on."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def train(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe, such as recipes/izhikevich.yaml.", show_default=False)],
+    source: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--source",
+            "-s",
+            help="NWB file to train on; repeat for several. Overrides the recipe's sources.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Run directory. Overrides the recipe's output.dir (default runs/<name>).", show_default=False),
+    ] = None,
+    device: Annotated[
+        Device | None,
+        typer.Option(help="auto, cpu or cuda. Overrides the recipe's train.device.", show_default=False),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Number of epochs. Overrides the recipe's train.epochs.", show_default=False),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the results of an earlier run in the run directory.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Train an encoder on a recipe's NWB files and write embeddings, metrics, figures and NWB outputs.
+
+    EXAMPLES
+
+      neurpir-nwb train recipes/izhikevich.yaml
+
+      neurpir-nwb train recipes/human-mtl-regions.yaml --source data/sub-4_ses-4.nwb --output runs/mtl
+    """
+    loaded = load_recipe(recipe, sources=source, output=output)
+    if device is not None:
+        loaded.train.device = device.value
+    if epochs is not None:
+        loaded.train.epochs = epochs
+
+    run_dir = prepare_run_directory(loaded, overwrite=overwrite)
+    with run_log(run_dir / "log.txt"):
+        logger.info("recipe %s (sha256 %s)", recipe, loaded.sha256()[:12])
+        summary = run_recipe(loaded, run_dir=run_dir, progress=ProgressBars(enabled=progress))
+
+    _print_summary(summary.metrics, summary.run_dir)
+
+
+def _print_summary(metrics: dict, run_dir: Path) -> None:
+    """Print the headline numbers of a finished run on standard output."""
+    training = metrics["training"]
+    typer.echo(f"run directory: {run_dir}")
+    typer.echo(
+        f"neurons: {metrics['n_neurons']}, windows: {metrics['n_windows']}, "
+        f"training: {training['seconds']:.1f} s at {training['windows_per_s']:.1f} windows/s on {training['device']}"
+    )
+    if metrics.get("probe"):
+        label = metrics["probe"]["label"]
+        embedding, baseline = metrics["embedding"], metrics["baseline"]
+        typer.echo(
+            f"probe on {label}: macro-F1 {embedding['macro_f1']:.3f}, balanced accuracy {embedding['balanced_accuracy']:.3f} "
+            f"(chance {embedding['chance_balanced_accuracy']:.3f}); baseline macro-F1 {baseline['macro_f1']:.3f}, "
+            f"balanced accuracy {baseline['balanced_accuracy']:.3f}"
+        )
+    console.print(f"total time: {metrics['timings_s']['total_s']:.1f} s", highlight=False)

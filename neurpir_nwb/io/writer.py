@@ -1,0 +1,518 @@
+"""Writer of per-neuron embeddings and probe predictions into a copy of a source NWB file.
+
+The output is the source file plus one processing module ``neurpir`` that contains a
+``DynamicTable`` named ``embeddings`` with one row per neuron:
+
+``unit``
+    ``DynamicTableRegion`` to the source table (the Units table by default), so row i
+    describes the neuron in source row ``rows[i]``.
+``embedding``
+    2-D float32 column, one embedding per neuron.
+``predicted_label``
+    The probe's label per neuron, ``""`` where it made none. Absent when there is no probe.
+``class_probabilities``
+    2-D float32 column whose columns follow the table attribute ``class_names``.
+    Absent when the probe gives no probabilities.
+
+The table's ``id`` column contains the ids of the linked source rows (the unit ids).
+Provenance (package version, recipe sha256, class names, model name and the NWB versions
+before and after writing) is stored as HDF5 attributes on the table group. Any NWB
+reader opens the output without this package, because the table is a plain
+hdmf-common ``DynamicTable``.
+
+Appending with pynwb caches pynwb's own schema in the output and raises the file's
+``nwb_version`` to pynwb's core version (2.11.0 with pynwb 4.2), so pynwb 2.x may no
+longer read an output whose source was older. Both versions are recorded on the table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from hdmf.backends.hdf5 import H5DataIO
+from hdmf.common import DynamicTable, DynamicTableRegion, VectorData
+from pynwb import NWBHDF5IO
+
+from neurpir_nwb._version import __version__
+from neurpir_nwb.errors import DataError, RunDirectoryError, SourceError
+
+logger = logging.getLogger(__name__)
+
+MODULE_NAME = "neurpir"
+TABLE_NAME = "embeddings"
+TABLE_PATH = f"processing/{MODULE_NAME}/{TABLE_NAME}"
+
+REQUIRED_ATTRIBUTES = ("neurpir_version", "recipe_sha256")
+
+# Attributes that hdmf writes on every DynamicTable, or that this writer sets itself.
+RESERVED_ATTRIBUTES = frozenset(
+    {
+        "neurodata_type",
+        "namespace",
+        "object_id",
+        "description",
+        "colnames",
+        "class_names",
+        "source_nwb_version",
+        "output_nwb_version",
+    }
+)
+
+# Probabilities may exceed [0, 1] by float32 rounding.
+PROBABILITY_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class _SourceTable:
+    """Neuron table and NWB version of the source file, read before the copy is made."""
+
+    path: Path
+    table: str
+    row_ids: np.ndarray
+    nwb_version: str
+
+
+def write_embeddings_nwb(
+    source_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    rows: np.ndarray,
+    embeddings: np.ndarray,
+    predicted_labels: Sequence[str] | None,
+    probabilities: np.ndarray | None,
+    class_names: Sequence[str] | None,
+    attributes: Mapping[str, str],
+    table: str = "units",
+    overwrite: bool = False,
+) -> Path:
+    """Write per-neuron embeddings and predictions into a copy of an NWB file.
+
+    The source is copied to a temporary file beside the output, the ``neurpir``
+    module is appended to the copy with pynwb, the provenance attributes are added
+    to the table with h5py, and the copy is renamed to ``output_path``. The source is
+    only ever opened for reading.
+
+    Parameters
+    ----------
+    source_path
+        The NWB file whose neurons were embedded.
+    output_path
+        Where to write the output NWB file. Missing parent folders are created.
+    rows
+        Row index into the source table of each neuron, one per output row.
+    embeddings
+        (n_neurons, dim) embeddings, stored as float32.
+    predicted_labels
+        The probe's label per neuron (``""`` where it made none), or None when
+        there is no probe.
+    probabilities
+        (n_neurons, n_classes) class probabilities, stored as float32, or None.
+    class_names
+        Names of the classes, in the column order of ``probabilities``. Required
+        when ``probabilities`` is given.
+    attributes
+        Provenance stored as HDF5 attributes on the table, for example the model
+        name. Must contain ``"neurpir_version"`` and ``"recipe_sha256"``.
+    table
+        Path of the neuron table inside the source file, for example ``"units"``
+        or ``"processing/ophys/ImageSegmentation/PlaneSegmentation"``.
+    overwrite
+        Replace an existing file at ``output_path``.
+
+    Returns
+    -------
+    Path
+        ``output_path``.
+
+    Raises
+    ------
+    RunDirectoryError
+        If ``output_path`` exists and ``overwrite`` is False, or if it is the source file.
+    SourceError
+        If the source file is missing or is not an NWB 2.x file.
+    DataError
+        If the source lacks the table, already contains a ``neurpir`` module, or the
+        inputs do not fit its neurons (row out of range, non-finite embedding).
+    ValueError
+        If the inputs disagree with each other (lengths, shapes, class names).
+    """
+    source_path = Path(source_path)
+    output_path = Path(output_path)
+    table = table.strip("/")
+
+    _check_output_path(source_path, output_path, overwrite)
+    source = _read_source_table(source_path, table)
+
+    rows = _checked_rows(rows, source)
+    embeddings = _checked_embeddings(embeddings, rows, source)
+    labels = _checked_labels(predicted_labels, class_names, rows, source)
+    probabilities = _checked_probabilities(probabilities, class_names, rows, source)
+    table_attributes = _checked_attributes(attributes, class_names, source)
+
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = output_path.with_name(f".{output_path.name}.partial-{secrets.token_hex(4)}")
+    try:
+        shutil.copyfile(source_path, partial_path)
+        _append_module(
+            partial_path,
+            source=source,
+            rows=rows,
+            embeddings=embeddings,
+            labels=labels,
+            probabilities=probabilities,
+            class_names=class_names,
+        )
+        output_version = _store_attributes(partial_path, table_attributes, source.nwb_version)
+
+        # Another process may have created the output while the copy was written.
+        if output_path.exists() and not overwrite:
+            raise RunDirectoryError(_exists_message(output_path))
+        os.replace(partial_path, output_path)
+    except BaseException:
+        partial_path.unlink(missing_ok=True)
+        raise
+
+    if output_version != source.nwb_version:
+        logger.info(
+            "%s: pynwb raised nwb_version from %s in the source %s to %s. "
+            "Readers that lack that schema version may fail to open the output",
+            output_path,
+            source.nwb_version,
+            source_path,
+            output_version,
+        )
+    logger.info("Wrote embeddings of %d neurons from %s to %s", len(rows), source_path, output_path)
+    return output_path
+
+
+def _exists_message(output_path: Path) -> str:
+    return (
+        f"{output_path}: output file already exists. Pass --overwrite to replace it "
+        f"or choose another output directory"
+    )
+
+
+def _check_output_path(source_path: Path, output_path: Path, overwrite: bool) -> None:
+    """Raise unless ``output_path`` may be written without touching the source."""
+    if not source_path.is_file():
+        raise SourceError(f"{source_path}: source NWB file not found. Check the path")
+
+    same_file = output_path.resolve() == source_path.resolve()
+    if output_path.exists() and not same_file:
+        same_file = os.path.samefile(output_path, source_path)
+    if same_file:
+        raise RunDirectoryError(
+            f"{output_path}: output path is the source file, which the writer never modifies. "
+            f"Choose another output directory"
+        )
+
+    if output_path.exists() and not overwrite:
+        raise RunDirectoryError(_exists_message(output_path))
+
+
+def _decode_attribute(value: object) -> str:
+    """Return an HDF5 string attribute as str, whether stored as bytes, str or a 1-element array."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0]
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+def _read_source_table(source_path: Path, table: str) -> _SourceTable:
+    """Read the ids of the neuron table and the NWB version of the source, read-only."""
+    try:
+        source_file = h5py.File(source_path, "r")
+    except OSError as error:
+        raise SourceError(f"{source_path}: not a readable HDF5 file ({error}). Check that it is an NWB 2.x file") from error
+
+    with source_file:
+        if "nwb_version" not in source_file.attrs:
+            raise SourceError(
+                f"{source_path}: missing NWB version, so it is not an NWB 2.x file. "
+                f"Convert NWB 1.x files to NWB 2.x first"
+            )
+        nwb_version = _decode_attribute(source_file.attrs["nwb_version"])
+
+        if f"processing/{MODULE_NAME}" in source_file:
+            raise DataError(
+                f"{source_path}: already contains a processing module '{MODULE_NAME}', probably "
+                f"written by an earlier run. Use the original recording as the source"
+            )
+
+        node = source_file.get(table)
+        if not isinstance(node, h5py.Group) or not isinstance(node.get("id"), h5py.Dataset):
+            raise DataError(
+                f"{source_path}: no table '{table}' with an id column was found. Pass the path "
+                f"of the neuron table, for example 'units'"
+            )
+        row_ids = node["id"][:].astype(np.int64)
+
+    return _SourceTable(path=source_path, table=table, row_ids=row_ids, nwb_version=nwb_version)
+
+
+def _checked_rows(rows: np.ndarray, source: _SourceTable) -> np.ndarray:
+    """Return ``rows`` as int64 after checking they are distinct rows of the source table."""
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.size == 0 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(
+            f"{source.path}: rows must be a non-empty 1-D integer array of row indices into "
+            f"'{source.table}', got shape {rows.shape} and dtype {rows.dtype}"
+        )
+    rows = rows.astype(np.int64)
+
+    n_rows = len(source.row_ids)
+    outside = np.flatnonzero((rows < 0) | (rows >= n_rows))
+    if outside.size:
+        raise DataError(
+            f"{source.path}: row {rows[outside[0]]} is outside '{source.table}', which has "
+            f"{n_rows} rows (0 to {n_rows - 1}). Pass rows read from this file"
+        )
+
+    values, counts = np.unique(rows, return_counts=True)
+    if np.any(counts > 1):
+        repeated = values[counts > 1]
+        raise DataError(
+            f"{source.path}: row {repeated[0]} (unit id {source.row_ids[repeated[0]]}) appears "
+            f"{counts[counts > 1][0]} times in rows. Pass each neuron once"
+        )
+    return rows
+
+
+def _checked_embeddings(embeddings: np.ndarray, rows: np.ndarray, source: _SourceTable) -> np.ndarray:
+    """Return ``embeddings`` as a finite (n_neurons, dim) float32 array."""
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(rows) or embeddings.shape[1] == 0:
+        raise ValueError(
+            f"{source.path}: embeddings must have shape ({len(rows)}, dim) with one row per "
+            f"entry of rows, got {embeddings.shape}"
+        )
+    if not np.issubdtype(embeddings.dtype, np.number) or np.iscomplexobj(embeddings):
+        raise ValueError(f"{source.path}: embeddings must be real numbers, got dtype {embeddings.dtype}")
+
+    # Check finiteness after the float32 cast, because values beyond about 3.4e38 become inf.
+    with np.errstate(over="ignore"):
+        embeddings = embeddings.astype(np.float32)
+    bad_rows = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if bad_rows.size:
+        i = bad_rows[0]
+        raise DataError(
+            f"{source.path}: embedding of unit id {source.row_ids[rows[i]]} (row {rows[i]} of "
+            f"'{source.table}') contains a non-finite value {embeddings[i][~np.isfinite(embeddings[i])][0]}, and "
+            f"{bad_rows.size} neurons are affected. Check the model and its training loss"
+        )
+    return embeddings
+
+
+def _checked_labels(
+    predicted_labels: Sequence[str] | None,
+    class_names: Sequence[str] | None,
+    rows: np.ndarray,
+    source: _SourceTable,
+) -> list[str] | None:
+    """Return the labels as a list of str, each ``""`` or one of ``class_names``."""
+    if predicted_labels is None:
+        return None
+
+    labels = list(predicted_labels)
+    if len(labels) != len(rows):
+        raise ValueError(
+            f"{source.path}: {len(labels)} predicted labels for {len(rows)} rows. Pass one label per row"
+        )
+
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise ValueError(
+                f"{source.path}: predicted label of unit id {source.row_ids[rows[i]]} is {label!r} of "
+                f"type {type(label).__name__}, but labels must be str, with \"\" for no prediction"
+            )
+        if label and class_names is not None and label not in class_names:
+            raise ValueError(
+                f"{source.path}: predicted label {label!r} of unit id {source.row_ids[rows[i]]} is not "
+                f"one of the class names {list(class_names)}"
+            )
+    return labels
+
+
+def _checked_probabilities(
+    probabilities: np.ndarray | None,
+    class_names: Sequence[str] | None,
+    rows: np.ndarray,
+    source: _SourceTable,
+) -> np.ndarray | None:
+    """Return the probabilities as a finite (n_neurons, n_classes) float32 array within [0, 1]."""
+    if probabilities is None:
+        return None
+
+    if class_names is None:
+        raise ValueError(f"{source.path}: class_names is missing, but probabilities need it to name their columns")
+
+    probabilities = np.asarray(probabilities)
+    expected_shape = (len(rows), len(class_names))
+    if probabilities.shape != expected_shape:
+        raise ValueError(
+            f"{source.path}: probabilities must have shape {expected_shape} (rows x class names), "
+            f"got {probabilities.shape}"
+        )
+    if not np.issubdtype(probabilities.dtype, np.number) or np.iscomplexobj(probabilities):
+        raise ValueError(f"{source.path}: probabilities must be real numbers, got dtype {probabilities.dtype}")
+
+    probabilities = probabilities.astype(np.float32)
+    valid = np.isfinite(probabilities) & (probabilities >= -PROBABILITY_TOLERANCE)
+    valid &= probabilities <= 1 + PROBABILITY_TOLERANCE
+    bad_rows = np.flatnonzero(~valid.all(axis=1))
+    if bad_rows.size:
+        i = bad_rows[0]
+        raise DataError(
+            f"{source.path}: class probabilities of unit id {source.row_ids[rows[i]]} are "
+            f"{probabilities[i].tolist()}, outside [0, 1]. Pass the probe's predict_proba output"
+        )
+    return np.clip(probabilities, 0.0, 1.0)
+
+
+def _checked_attributes(
+    attributes: Mapping[str, str],
+    class_names: Sequence[str] | None,
+    source: _SourceTable,
+) -> dict[str, str | np.ndarray]:
+    """Return the provenance attributes of the table, with ``class_names`` added."""
+    missing = [name for name in REQUIRED_ATTRIBUTES if name not in attributes]
+    if missing:
+        raise ValueError(f"{source.path}: provenance attributes {missing} are missing. Pass them in attributes")
+
+    table_attributes: dict[str, str | np.ndarray] = {}
+    for name, value in attributes.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{source.path}: attribute name {name!r} must be a non-empty str")
+        if name in RESERVED_ATTRIBUTES:
+            raise ValueError(
+                f"{source.path}: attribute name {name!r} is reserved for the table itself. Rename it"
+            )
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{source.path}: attribute {name!r} is {value!r} of type {type(value).__name__}. "
+                f"Pass it as str"
+            )
+        table_attributes[name] = value
+
+    if class_names is not None:
+        names = list(class_names)
+        if not names or not all(isinstance(name, str) and name for name in names) or len(set(names)) != len(names):
+            raise ValueError(f"{source.path}: class_names must be distinct non-empty str, got {names}")
+        table_attributes["class_names"] = np.array(names, dtype=h5py.string_dtype())
+
+    return table_attributes
+
+
+def _find_table(io: NWBHDF5IO, nwbfile, source: _SourceTable) -> DynamicTable:
+    """Find the pynwb object of the source table by its path inside the file."""
+    builder_path = f"root/{source.table}"
+    for container in nwbfile.objects.values():
+        builder = io.manager.get_builder(container)
+        if builder is not None and builder.path == builder_path:
+            if not isinstance(container, DynamicTable):
+                raise DataError(
+                    f"{source.path}: '{source.table}' is a {type(container).__name__}, not a table "
+                    f"of neurons. Pass the path of the Units table or a PlaneSegmentation"
+                )
+            return container
+
+    raise DataError(f"{source.path}: pynwb found no object at '{source.table}'. Check the table path")
+
+
+def _append_module(
+    partial_path: Path,
+    *,
+    source: _SourceTable,
+    rows: np.ndarray,
+    embeddings: np.ndarray,
+    labels: list[str] | None,
+    probabilities: np.ndarray | None,
+    class_names: Sequence[str] | None,
+) -> None:
+    """Append the ``neurpir`` module with the embeddings table to the copy at ``partial_path``."""
+    with NWBHDF5IO(partial_path, mode="a") as io:
+        nwbfile = io.read()
+        target = _find_table(io, nwbfile, source)
+
+        columns = [
+            DynamicTableRegion(
+                name="unit",
+                description=f"Row of /{source.table} that this row describes.",
+                data=rows,
+                table=target,
+            ),
+            VectorData(
+                name="embedding",
+                description=(
+                    f"Time-invariant embedding of the neuron learned by NeurPIR "
+                    f"(VICReg contrastive learning), float32, {embeddings.shape[1]} dimensions."
+                ),
+                data=H5DataIO(embeddings, compression="gzip", compression_opts=4),
+            ),
+        ]
+        if labels is not None:
+            columns.append(
+                VectorData(
+                    name="predicted_label",
+                    description="Label predicted by the probe from the embedding, or empty where it made none.",
+                    data=labels,
+                )
+            )
+        if probabilities is not None:
+            columns.append(
+                VectorData(
+                    name="class_probabilities",
+                    description=(
+                        f"Probe class probabilities, float32. Column j is the probability of "
+                        f"class_names[j] in the table attribute class_names: {', '.join(class_names)}."
+                    ),
+                    data=probabilities,
+                )
+            )
+
+        embeddings_table = DynamicTable(
+            name=TABLE_NAME,
+            description=(
+                f"One row per neuron of /{source.table}: its NeurPIR embedding and the probe's "
+                f"predictions. The id column holds the ids of the linked rows, and the provenance "
+                f"is stored in this table's attributes."
+            ),
+            id=source.row_ids[rows],
+            columns=columns,
+        )
+        module = nwbfile.create_processing_module(
+            name=MODULE_NAME,
+            description=(
+                f"Per-neuron embeddings and probe predictions written by neurpir-nwb {__version__}."
+            ),
+        )
+        module.add(embeddings_table)
+
+        # NOTE: pynwb caches its own schema and sets nwb_version to its core version here,
+        # so pynwb 2.x cannot read outputs of older sources that contain an electrodes table.
+        io.write(nwbfile)
+
+
+def _store_attributes(partial_path: Path, table_attributes: Mapping[str, object], source_nwb_version: str) -> str:
+    """Store the provenance attributes on the table group and return the output's ``nwb_version``.
+
+    A plain ``DynamicTable`` declares no such attributes, so pynwb cannot write them.
+    With pynwb 4.2 and hdmf 6.2, reading ignores them and ``pynwb.validate`` reports no error.
+    """
+    with h5py.File(partial_path, "r+") as output_file:
+        output_nwb_version = _decode_attribute(output_file.attrs["nwb_version"])
+        group = output_file[TABLE_PATH]
+        for name, value in table_attributes.items():
+            group.attrs[name] = value
+        group.attrs["source_nwb_version"] = source_nwb_version
+        group.attrs["output_nwb_version"] = output_nwb_version
+    return output_nwb_version

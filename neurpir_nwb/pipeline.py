@@ -1,0 +1,467 @@
+"""The recipe runner: sources to segments, model, embeddings, probe and NWB outputs.
+
+This is the only module besides the command-line program that knows the whole
+pipeline. Each stage takes the previous stage's value and returns a new one, and the
+run directory collects what every stage produced::
+
+    runs/<name>/
+      recipe.yaml      the resolved recipe
+      log.txt          the run's log (written by the command-line program)
+      segments.nc      the segment set, reused while the recipe's data part is unchanged
+      model/           weights, configuration, probe and provenance
+      embeddings.nc    per-neuron embeddings with ids and labels
+      metrics.json     probe scores, baselines, chance level and timings
+      figures/         confusion matrices, embedding map, training curve
+      nwb/             one output NWB file per source file
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+import yaml
+
+from neurpir_nwb._version import __version__
+from neurpir_nwb.errors import DataError, RunDirectoryError, SourceError
+from neurpir_nwb.evaluate import (
+    ProbeResult,
+    fit_probe,
+    plot_confusion,
+    plot_embedding_map,
+    plot_training_curve,
+    probe_to_dict,
+    run_probe,
+    spike_train_features,
+)
+from neurpir_nwb.io.recording import Recording
+from neurpir_nwb.io.units import LabelSpec, read_units
+from neurpir_nwb.io.writer import write_embeddings_nwb
+from neurpir_nwb.model import EncoderConfig, NeurPIREncoder, Projector, VICRegLoss
+from neurpir_nwb.progress import Progress, SilentProgress
+from neurpir_nwb.recipe import Recipe
+from neurpir_nwb.segments import (
+    SegmentSettings,
+    build_segment_set,
+    load_segment_set,
+    save_segment_set,
+)
+from neurpir_nwb.train import TrainConfig, Trainer, WindowData, embed_neurons
+
+__all__ = ["RunSummary", "run_recipe", "prepare_run_directory"]
+
+logger = logging.getLogger(__name__)
+
+#: Files and folders whose presence means a run directory holds an earlier run's results.
+RESULT_ENTRIES = ("metrics.json", "embeddings.nc", "model", "nwb")
+
+
+@dataclass
+class RunSummary:
+    """Where a finished run wrote its results, and its headline numbers."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    outputs: list[Path] = field(default_factory=list)
+
+
+def prepare_run_directory(recipe: Recipe, *, overwrite: bool = False) -> Path:
+    """Create the run directory, refusing one that holds an earlier run's results unless ``overwrite``.
+
+    Missing source files are reported first, before anything is written.
+
+    With ``overwrite`` the earlier results are removed, but the segment set stays so
+    that it can be reused.
+    """
+    missing = [str(path) for path in recipe.source_paths if not path.is_file()]
+    if missing:
+        raise SourceError(
+            f"source file {missing[0]} not found"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + "; fix the path in the recipe (relative to the recipe file) or give it with --source"
+        )
+
+    run_dir = recipe.output_dir
+    earlier = [name for name in RESULT_ENTRIES if (run_dir / name).exists()]
+    if earlier and not overwrite:
+        raise RunDirectoryError(
+            f"run directory {run_dir} already holds results of an earlier run ({', '.join(earlier)}); "
+            "pass --overwrite to replace them, or choose another directory with --output"
+        )
+
+    for name in earlier:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(run_dir / "figures", ignore_errors=True)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False), encoding="utf-8")
+    return run_dir
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    run_dir: Path | None = None,
+) -> RunSummary:
+    """Run a whole recipe and return where its results are.
+
+    Parameters
+    ----------
+    recipe
+        A validated recipe from :func:`neurpir_nwb.recipe.load_recipe`.
+    overwrite
+        Replace the results of an earlier run in the same run directory.
+    progress
+        Draws progress bars for the long stages; silent by default.
+    run_dir
+        A run directory already made by :func:`prepare_run_directory`; by default it
+        is prepared here.
+    """
+    progress = progress or SilentProgress()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if run_dir is None:
+        run_dir = prepare_run_directory(recipe, overwrite=overwrite)
+    logger.info("run directory: %s", run_dir)
+
+    clock = time.perf_counter()
+    recordings = read_sources(recipe, progress)
+    timings["read_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    segment_set = segment(recipe, recordings, run_dir)
+    timings["segment_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    encoder, train_result = train_encoder(recipe, segment_set, run_dir, progress)
+    timings["train_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    embeddings = compute_embeddings(recipe, encoder, segment_set, progress)
+    timings["embed_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    evaluation = evaluate(recipe, embeddings, recordings, run_dir)
+    embeddings = _with_predictions(embeddings, evaluation)
+    embeddings.to_netcdf(run_dir / "embeddings.nc", engine="h5netcdf")
+    _plot_training_curve(train_result.history, run_dir)
+    timings["evaluate_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    save_model(recipe, encoder, segment_set, evaluation, run_dir)
+    outputs = write_outputs(recipe, embeddings, evaluation, run_dir, progress)
+    timings["write_s"] = time.perf_counter() - clock
+    timings["total_s"] = time.perf_counter() - started
+
+    metrics = {
+        "name": recipe.name,
+        "neurpir_version": __version__,
+        "recipe_sha256": recipe.sha256(),
+        "n_neurons": int(embeddings.sizes["neuron"]),
+        "n_windows": int(segment_set["valid"].sum()),
+        "sources": [str(path) for path in recipe.source_paths],
+        "training": {
+            "device": train_result.device,
+            "precision": train_result.precision,
+            "steps": recipe.train.epochs * recipe.train.steps_per_epoch,
+            "windows_per_s": train_result.windows_per_s,
+            "seconds": train_result.seconds,
+            "final_loss": float(np.mean(train_result.history["loss"][-recipe.train.steps_per_epoch :])),
+        },
+        **evaluation.metrics,
+        "timings_s": timings,
+        "machine": machine_description(),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    logger.info("wrote %s", run_dir / "metrics.json")
+    return RunSummary(run_dir=run_dir, metrics=metrics, outputs=outputs)
+
+
+def read_sources(recipe: Recipe, progress: Progress) -> list[Recording]:
+    """Read the Units table of every source file."""
+    labels = {name: LabelSpec(source=spec.from_, field=spec.field) for name, spec in recipe.labels.items()}
+    recordings = []
+    with progress.stage("reading NWB files", len(recipe.source_paths)) as advance:
+        for index, path in enumerate(recipe.source_paths):
+            recording = read_units(path, labels=labels, sort_spikes=recipe.units.sort_spikes)
+            logger.info(
+                "%s: %d units, %d spikes over %.1f to %.1f s, positions from %s",
+                path.name,
+                recording.n_neurons,
+                int(recording.spike_counts.sum()),
+                recording.t_start_s,
+                recording.t_stop_s,
+                recording.position_source,
+            )
+            recordings.append(recording)
+            advance(index + 1)
+    return recordings
+
+
+def segment(recipe: Recipe, recordings: list[Recording], run_dir: Path) -> xr.Dataset:
+    """Build the segment set, or reuse the run directory's one when the data part of the recipe is unchanged."""
+    path = run_dir / "segments.nc"
+    data_sha256 = recipe.data_sha256()
+    if path.exists():
+        cached = load_segment_set(path)
+        if cached.attrs.get("data_sha256") == data_sha256:
+            logger.info("reusing the segment set %s: sources and segment settings are unchanged", path)
+            return cached
+        logger.info("rebuilding the segment set %s: sources or segment settings changed", path)
+
+    settings = SegmentSettings(**recipe.segments.model_dump())
+    segment_set = build_segment_set(recordings, settings)
+    segment_set.attrs["data_sha256"] = data_sha256
+    save_segment_set(segment_set, path)
+    return segment_set
+
+
+def build_modules(recipe: Recipe) -> tuple[NeurPIREncoder, Projector, VICRegLoss]:
+    """Create the encoder, projector and loss the recipe describes."""
+    config = EncoderConfig(
+        bins_per_patch=recipe.segments.bins_per_patch,
+        patches=recipe.segments.patches,
+        dim=recipe.model.dim,
+        heads=recipe.model.heads,
+        temporal_layers=recipe.model.temporal_layers,
+        spatiotemporal_layers=recipe.model.spatiotemporal_layers,
+        distance_bins=recipe.segments.distance_bins,
+        mlp_ratio=recipe.model.mlp_ratio,
+        dropout=recipe.model.dropout,
+    )
+    encoder = NeurPIREncoder(config)
+    projector = Projector(recipe.model.dim, recipe.model.projector)
+    loss = VICRegLoss(
+        invariance=recipe.loss.invariance,
+        variance=recipe.loss.variance,
+        covariance=recipe.loss.covariance,
+    )
+    return encoder, projector, loss
+
+
+def train_encoder(recipe: Recipe, segment_set: xr.Dataset, run_dir: Path, progress: Progress):
+    """Train the encoder on positive pairs of windows, saving a checkpoint after every epoch."""
+    torch.manual_seed(recipe.train.seed)
+    encoder, projector, loss = build_modules(recipe)
+    options = recipe.train.model_dump(exclude={"embed_batch_size"})
+    trainer = Trainer(encoder, projector, loss, TrainConfig(**options))
+
+    data = WindowData(segment_set)
+    with progress.stage("training", trainer.config.total_steps) as advance:
+        result = trainer.fit(data, checkpoint_dir=run_dir / "model", on_step=lambda step, total, metrics: advance(step))
+
+    logger.info(
+        "trained %d steps in %.1f s: %.1f windows/s on %s (%s)",
+        trainer.config.total_steps,
+        result.seconds,
+        result.windows_per_s,
+        result.device,
+        result.precision,
+    )
+    return trainer.encoder, result
+
+
+def compute_embeddings(recipe: Recipe, encoder: NeurPIREncoder, segment_set: xr.Dataset, progress: Progress) -> xr.Dataset:
+    """Embed every window and average each neuron's windows into one embedding."""
+    data = WindowData(segment_set)
+    with progress.stage("embedding windows", None) as advance:
+        neuron_embeddings, _ = embed_neurons(
+            encoder,
+            data,
+            batch_size=recipe.train.embed_batch_size,
+            device=recipe.train.device,
+            precision=recipe.train.precision,
+            on_batch=lambda done, total: advance(done),
+        )
+
+    neuron_coords = {name: coord for name, coord in segment_set.coords.items() if coord.dims == ("neuron",)}
+    return xr.Dataset(
+        {"embedding": (("neuron", "dim"), neuron_embeddings)},
+        coords=neuron_coords,
+        attrs={"neurpir_version": __version__, "recipe_sha256": recipe.sha256(), "window_s": segment_set.attrs["window_s"]},
+    )
+
+
+@dataclass
+class Evaluation:
+    """Probe results on the embeddings and on the baseline features."""
+
+    label: str | None = None
+    embedding_probe: ProbeResult | None = None
+    baseline_probe: ProbeResult | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] | None = None
+
+
+def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording], run_dir: Path) -> Evaluation:
+    """Score the embeddings with a linear probe against the baseline features, and draw the figures."""
+    figures = run_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    label = recipe.probe_label
+    vectors = embeddings["embedding"].values
+
+    if label is None or f"label_{label}" not in embeddings.coords:
+        plot_embedding_map(vectors, [""] * len(vectors), figures / "embedding_map.png", title=f"{recipe.name}: embeddings")
+        logger.info("no label to probe: the recipe defines no labels, so only embeddings are written")
+        return Evaluation(metrics={"probe": None})
+
+    labels = embeddings[f"label_{label}"].values.astype(str)
+    plot_embedding_map(vectors, labels, figures / "embedding_map.png", title=f"{recipe.name}: embeddings by {label}")
+
+    try:
+        embedding_probe = run_probe(vectors, labels, folds=recipe.evaluate.folds, seed=recipe.train.seed)
+    except ValueError as error:
+        logger.warning("probe on label %r skipped: %s", label, error)
+        return Evaluation(label=label, metrics={"probe": None, "probe_skipped": str(error)})
+
+    spikes = [train for recording in recordings for train in recording.spike_times]
+    starts = np.concatenate([[recording.t_start_s] * recording.n_neurons for recording in recordings])
+    stops = np.concatenate([[recording.t_stop_s] * recording.n_neurons for recording in recordings])
+    baseline_features = spike_train_features(spikes, starts, stops)
+    baseline_probe = run_probe(baseline_features, labels, folds=recipe.evaluate.folds, seed=recipe.train.seed)
+
+    plot_confusion(embedding_probe, figures / "confusion_embedding.png", title=f"{label}: probe on embeddings")
+    plot_confusion(baseline_probe, figures / "confusion_baseline.png", title=f"{label}: probe on firing-rate and ISI features")
+    logger.info(
+        "probe on %r: macro-F1 %.3f, balanced accuracy %.3f (chance %.3f); baseline macro-F1 %.3f, balanced accuracy %.3f",
+        label,
+        embedding_probe.macro_f1,
+        embedding_probe.balanced_accuracy,
+        embedding_probe.chance_balanced_accuracy,
+        baseline_probe.macro_f1,
+        baseline_probe.balanced_accuracy,
+    )
+
+    probe = probe_to_dict(fit_probe(vectors, labels, seed=recipe.train.seed))
+    metrics = {
+        "probe": {"label": label, "model": recipe.evaluate.probe, "split": f"{recipe.evaluate.split}-{embedding_probe.n_folds}"},
+        "embedding": embedding_probe.to_dict(),
+        "baseline": {"features": "firing rate, CV of inter-spike intervals, log-ISI histogram", **baseline_probe.to_dict()},
+    }
+    return Evaluation(label=label, embedding_probe=embedding_probe, baseline_probe=baseline_probe, metrics=metrics, probe=probe)
+
+
+def _with_predictions(embeddings: xr.Dataset, evaluation: Evaluation) -> xr.Dataset:
+    """Add the probe's predictions and class probabilities to the embeddings."""
+    result = evaluation.embedding_probe
+    if result is None:
+        return embeddings
+    return embeddings.assign(
+        predicted_label=("neuron", result.predicted.astype(object)),
+        class_probabilities=(("neuron", "class"), result.probabilities.astype(np.float32)),
+    ).assign_coords({"class": np.array(result.classes, dtype=object)})
+
+
+def _plot_training_curve(history: dict[str, list[float]], run_dir: Path) -> None:
+    """Draw the loss terms against the step."""
+    curves = {name: values for name, values in history.items() if name in ("loss", "invariance", "variance", "covariance")}
+    plot_training_curve(curves, run_dir / "figures" / "training_curve.png", title="VICReg loss")
+
+
+def save_model(recipe: Recipe, encoder: NeurPIREncoder, segment_set: xr.Dataset, evaluation: Evaluation, run_dir: Path) -> Path:
+    """Write the model directory: weights, encoder and segment settings, probe and provenance.
+
+    The weights are a plain state dict that loads with ``torch.load(weights_only=True)``,
+    and the probe is JSON, so nothing in the folder needs pickle.
+    """
+    model_dir = run_dir / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(encoder.state_dict(), model_dir / "weights.pt")
+
+    config = {
+        "neurpir_version": __version__,
+        "encoder": encoder.config.to_dict(),
+        "segments": {**SegmentSettings.from_attrs(segment_set.attrs).to_dict(), "distance_bin_edges": [float(edge) for edge in segment_set.attrs["distance_bin_edges"]]},
+        "modality": segment_set.attrs["modality"],
+        "activity_transform": segment_set.attrs["activity_transform"],
+    }
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    if evaluation.probe is not None:
+        (model_dir / "probe.json").write_text(json.dumps({"label": evaluation.label, **evaluation.probe}, indent=2) + "\n", encoding="utf-8")
+
+    provenance = {
+        "neurpir_version": __version__,
+        "recipe_sha256": recipe.sha256(),
+        "recipe": recipe.resolved(),
+        "sources": [str(path) for path in recipe.source_paths],
+        "identifiers": sorted(set(segment_set["identifier"].values.astype(str).tolist())),
+        "versions": software_versions(),
+    }
+    (model_dir / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return model_dir
+
+
+def write_outputs(recipe: Recipe, embeddings: xr.Dataset, evaluation: Evaluation, run_dir: Path, progress: Progress) -> list[Path]:
+    """Write one output NWB file per source file, holding its neurons' embeddings and predictions."""
+    out_dir = run_dir / "nwb"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = embeddings["source"].values.astype(str)
+    has_probe = "predicted_label" in embeddings
+    attributes = {
+        "neurpir_version": __version__,
+        "recipe_sha256": recipe.sha256(),
+        "model_name": recipe.name,
+        "label": evaluation.label or "",
+    }
+
+    outputs = []
+    unique_sources = list(dict.fromkeys(sources))
+    with progress.stage("writing NWB outputs", len(unique_sources)) as advance:
+        for index, source in enumerate(unique_sources):
+            selected = sources == source
+            output_path = out_dir / Path(source).name
+            if output_path.resolve() == Path(source).resolve():
+                raise DataError(f"output {output_path} would overwrite its source file; choose another run directory with --output")
+
+            write_embeddings_nwb(
+                source,
+                output_path,
+                rows=embeddings["table_row"].values[selected],
+                embeddings=embeddings["embedding"].values[selected],
+                predicted_labels=embeddings["predicted_label"].values[selected].astype(str) if has_probe else None,
+                probabilities=embeddings["class_probabilities"].values[selected] if has_probe else None,
+                class_names=[str(name) for name in embeddings["class"].values] if has_probe else None,
+                attributes=attributes,
+            )
+            logger.info("wrote %s (%d neurons)", output_path, int(selected.sum()))
+            outputs.append(output_path)
+            advance(index + 1)
+    return outputs
+
+
+def software_versions() -> dict[str, str]:
+    """Return the versions of Python and the packages a run depends on."""
+    versions = {"python": platform.python_version()}
+    for package in ("neurpir-nwb", "pynwb", "hdmf", "h5py", "torch", "numpy", "xarray", "scikit-learn"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def machine_description() -> dict[str, Any]:
+    """Describe the machine a run used: processor, core count and accelerator."""
+    description = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return description

@@ -1,0 +1,368 @@
+"""The recipe: a YAML file that says what to load, how to train and where to write.
+
+A recipe is validated by the pydantic models below. Unknown keys and wrong types are
+errors that name the key, its line in the file and the allowed values. Source paths
+are relative to the recipe file; the output directory is relative to the working
+directory, like any command-line path.
+
+Examples
+--------
+>>> recipe = load_recipe("recipes/human-mtl-regions.yaml")  # doctest: +SKIP
+>>> recipe.segments.window_s                                 # doctest: +SKIP
+10.24
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from neurpir_nwb.errors import RecipeError
+
+__all__ = ["Recipe", "load_recipe", "recipe_json_schema"]
+
+
+class _Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class Source(_Strict):
+    """One NWB file to load."""
+
+    path: Path = Field(description="NWB file, relative to the recipe file or absolute.")
+
+
+class LabelSource(_Strict):
+    """Where one label of every neuron comes from."""
+
+    from_: str = Field(
+        alias="from",
+        pattern=r"^(units|electrodes)\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
+        description=(
+            "'units.<column>', 'electrodes.<column>' (through the units' electrode links), or "
+            "'units.<region column>.<column>' for a units column that links to electrodes."
+        ),
+    )
+    field: str | None = Field(
+        default=None,
+        description="Field to take from structured values such as 'brain_region: ALM; cortical_layer: 5'.",
+    )
+
+
+class UnitsPolicy(_Strict):
+    """How the Units reader treats irregular spike trains."""
+
+    sort_spikes: bool = Field(
+        default=False,
+        description="Sort descending spike trains with a warning instead of rejecting the file.",
+    )
+
+
+class Segments(_Strict):
+    """Binning, windows and neighbourhoods."""
+
+    bin_size_s: float = Field(default=0.02, gt=0, description="Width of one bin, in seconds.")
+    bins_per_patch: int = Field(default=16, ge=1, description="Bins per patch; one patch is one token.")
+    patches: int = Field(default=32, ge=1, description="Patches per window.")
+    neighbours: int = Field(default=8, ge=0, description="Nearest neighbours the encoder sees with each neuron.")
+    distance_bins: int = Field(default=32, ge=2, description="Distance bins of the neighbours; bin 0 is the neuron itself.")
+
+    @property
+    def window_s(self) -> float:
+        """Length of one window, in seconds."""
+        return self.bin_size_s * self.bins_per_patch * self.patches
+
+
+class Model(_Strict):
+    """Encoder and projector sizes."""
+
+    dim: int = Field(default=128, ge=2, description="Width of the encoder; the embedding has this many dimensions.")
+    heads: int = Field(default=4, ge=1, description="Attention heads; dim / heads must be even.")
+    temporal_layers: int = Field(default=2, ge=0, description="Temporal transformer blocks.")
+    spatiotemporal_layers: int = Field(default=2, ge=0, description="Spatio-temporal blocks.")
+    mlp_ratio: float = Field(default=4.0, gt=0, description="Hidden width of each block's MLP, as a multiple of dim.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout rate in the encoder.")
+    projector: list[int] = Field(default=[256, 256], min_length=1, description="Widths of the VICReg projector's layers.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> Model:
+        head_dim, remainder = divmod(self.dim, self.heads)
+        if remainder or head_dim % 2:
+            raise ValueError(
+                f"dim {self.dim} with {self.heads} heads gives a head size of {self.dim / self.heads:g}; "
+                "rotary positions need an even whole head size, so choose dim as a multiple of 2 * heads"
+            )
+        return self
+
+
+class Loss(_Strict):
+    """VICReg loss weights."""
+
+    name: Literal["vicreg"] = Field(default="vicreg", description="Loss function.")
+    invariance: float = Field(default=25.0, ge=0, description="Weight of the invariance term.")
+    variance: float = Field(default=25.0, ge=0, description="Weight of the variance term.")
+    covariance: float = Field(default=1.0, ge=0, description="Weight of the covariance term.")
+
+
+class Train(_Strict):
+    """Optimiser, schedule and device."""
+
+    epochs: int = Field(default=30, ge=1, description="Number of epochs.")
+    steps_per_epoch: int = Field(default=50, ge=1, description="Optimiser steps per epoch.")
+    batch_size: int = Field(default=64, ge=2, description="Positive pairs per step.")
+    lr: float = Field(default=1.0e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of the steps spent in linear warm-up before cosine decay.")
+    grad_clip: float = Field(default=1.0, gt=0, description="Maximum norm of the gradient.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="'auto' takes CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="'auto' is bf16 autocast on CUDA and fp32 on the CPU.")
+    seed: int = Field(default=0, ge=0, description="Seed of every random draw.")
+    embed_batch_size: int = Field(default=256, ge=1, description="Windows per forward pass when computing embeddings.")
+
+
+class Evaluate(_Strict):
+    """Probe settings."""
+
+    probe: Literal["logistic"] = Field(default="logistic", description="Classifier fitted on the embeddings.")
+    split: Literal["stratified"] = Field(default="stratified", description="Cross-validation scheme.")
+    folds: int = Field(default=5, ge=2, description="Folds of the cross-validation.")
+    label: str | None = Field(default=None, description="Label to predict; by default the first label of the recipe.")
+
+
+class Output(_Strict):
+    """Where the run directory goes."""
+
+    dir: Path | None = Field(default=None, description="Run directory; 'runs/<name>' when not given.")
+
+
+class Recipe(_Strict):
+    """A whole recipe: data, labels, segments, model, loss, training, evaluation and output."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Name of the run.")
+    sources: list[Source] = Field(min_length=1, description="NWB files to learn from.")
+    labels: dict[str, LabelSource] = Field(default_factory=dict, description="Label name to where its values come from.")
+    units: UnitsPolicy = Field(default_factory=UnitsPolicy)
+    segments: Segments = Field(default_factory=Segments)
+    model: Model = Field(default_factory=Model)
+    loss: Loss = Field(default_factory=Loss)
+    train: Train = Field(default_factory=Train)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    output: Output = Field(default_factory=Output)
+
+    #: Folder the relative source paths are resolved against; set by :func:`load_recipe`.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("labels")
+    @classmethod
+    def _check_label_names(cls, labels: dict[str, LabelSource]) -> dict[str, LabelSource]:
+        for name in labels:
+            if not name.isidentifier():
+                raise ValueError(f"label name {name!r} must be a Python identifier, such as 'region' or 'cell_type'")
+        return labels
+
+    @model_validator(mode="after")
+    def _check_probe_label(self) -> Recipe:
+        if self.evaluate.label is not None and self.evaluate.label not in self.labels:
+            allowed = ", ".join(self.labels) or "none defined"
+            raise ValueError(f"evaluate.label {self.evaluate.label!r} is not a label of the recipe (labels: {allowed})")
+        return self
+
+    @property
+    def source_paths(self) -> list[Path]:
+        """Source paths resolved against the recipe's folder."""
+        return [(self.base_dir / source.path).resolve() for source in self.sources]
+
+    @property
+    def output_dir(self) -> Path:
+        """The run directory."""
+        return self.output.dir if self.output.dir is not None else Path("runs") / self.name
+
+    @property
+    def probe_label(self) -> str | None:
+        """The label the probe predicts, or None when the recipe has no labels."""
+        if self.evaluate.label is not None:
+            return self.evaluate.label
+        return next(iter(self.labels), None)
+
+    def resolved(self) -> dict[str, Any]:
+        """Return the recipe with every default filled in and absolute source paths."""
+        data = self.model_dump(mode="json", by_alias=True)
+        data["sources"] = [{"path": str(path)} for path in self.source_paths]
+        data["output"] = {"dir": str(self.output_dir)}
+        return data
+
+    def sha256(self) -> str:
+        """Return the sha256 of the resolved recipe, in canonical JSON."""
+        return _sha256_json(self.resolved())
+
+    def data_sha256(self) -> str:
+        """Return the sha256 of the parts that decide the segment set: sources, labels, units and segments."""
+        data = self.resolved()
+        part = {key: data[key] for key in ("sources", "labels", "units", "segments")}
+        part["source_files"] = [_file_signature(path) for path in self.source_paths]
+        return _sha256_json(part)
+
+
+def load_recipe(
+    path: str | Path,
+    *,
+    sources: list[str | Path] | None = None,
+    output: str | Path | None = None,
+) -> Recipe:
+    """Read and validate a recipe file.
+
+    Parameters
+    ----------
+    path
+        The YAML recipe.
+    sources
+        Paths that replace the recipe's sources. Relative paths are taken from the
+        working directory, since they come from the command line.
+    output
+        Run directory that replaces the recipe's ``output.dir``.
+
+    Raises
+    ------
+    RecipeError
+        When the file is missing, is not YAML, or fails validation. The message names
+        the key, its line and the allowed values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found; give the path of a YAML recipe such as recipes/izhikevich.yaml")
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys such as 'name' and 'sources', not {type(data).__name__}")
+
+    if sources:
+        data["sources"] = [{"path": str(Path(source).resolve())} for source in sources]
+    if output is not None:
+        data.setdefault("output", {})
+        if not isinstance(data["output"], dict):
+            data["output"] = {}
+        data["output"]["dir"] = str(output)
+
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_describe_validation_error(path, root, error)) from None
+
+    recipe.base_dir = path.resolve().parent
+    return recipe
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """Return the JSON Schema of the recipe, as exported to ``schemas/recipe.schema.json``."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "neurpir-nwb recipe"
+    return schema
+
+
+def _describe_validation_error(path: Path, root: yaml.Node | None, error: ValidationError) -> str:
+    """Turn the first pydantic error into one line with the file, the line, the key and the fix."""
+    errors = error.errors()
+    first = errors[0]
+    location = [part for part in first["loc"] if isinstance(part, (str, int))]
+    key = ".".join(str(part) for part in location) or "(top level)"
+    line = _line_of(root, location)
+    where = f"{path}, line {line}" if line else str(path)
+
+    if first["type"] == "extra_forbidden":
+        model = _model_at(Recipe, location[:-1])
+        allowed = sorted(_field_keys(model)) if model else []
+        bad = str(location[-1])
+        close = difflib.get_close_matches(bad, allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        message = f"{where}: unknown key '{key}'; allowed keys here: {', '.join(allowed)}{hint}"
+    elif first["type"] == "missing":
+        message = f"{where}: missing required key '{key}'"
+    elif isinstance(first.get("input"), (dict, list)):
+        reason = first["msg"].removeprefix("Value error, ")
+        message = f"{where}: invalid '{key}': {reason}"
+    else:
+        message = f"{where}: invalid value {first['input']!r} for '{key}': {first['msg']}"
+
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message
+
+
+def _line_of(root: yaml.Node | None, location: list[str | int]) -> int | None:
+    """Return the 1-based line of the deepest YAML node on the path, or None."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in location:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if getattr(k, "value", None) == str(part)), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _model_at(model: type[BaseModel], location: list[str | int]) -> type[BaseModel] | None:
+    """Return the pydantic model that holds the keys at ``location``, or None."""
+    parts = [part for part in location if isinstance(part, str)]
+    index = 0
+    while index < len(parts):
+        field = next((f for name, f in model.model_fields.items() if parts[index] in (name, f.alias)), None)
+        if field is None:
+            return None
+
+        # A mapping such as `labels` is followed by a free key (the label name), which names no field.
+        annotation = field.annotation
+        is_mapping = getattr(annotation, "__origin__", None) is dict
+        inner = getattr(annotation, "__args__", (annotation,))[-1]
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return None
+        model = inner
+        index += 2 if is_mapping else 1
+    return model
+
+
+def _field_keys(model: type[BaseModel]) -> list[str]:
+    """Return the YAML keys a model accepts (aliases where set)."""
+    return [field.alias or name for name, field in model.model_fields.items() if not field.exclude]
+
+
+def _file_signature(path: Path) -> dict[str, Any]:
+    """Return what identifies a source file's content cheaply: its path, size and modification time."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"path": str(path), "size": None, "mtime_ns": None}
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _sha256_json(data: Any) -> str:
+    """Return the sha256 of ``data`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("schemas") / "recipe.schema.json"
+    target.write_text(json.dumps(recipe_json_schema(), indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {target}")
