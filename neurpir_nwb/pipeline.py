@@ -1,6 +1,6 @@
 """The recipe runner: sources to segments, model, embeddings, probe and NWB outputs.
 
-This is the only module besides the command-line program that knows the whole
+This is the only module besides the command-line program that runs the whole
 pipeline. Each stage takes the previous stage's value and returns a new one, and the
 run directory collects what every stage produced::
 
@@ -63,13 +63,13 @@ __all__ = ["RunSummary", "run_recipe", "prepare_run_directory"]
 
 logger = logging.getLogger(__name__)
 
-#: Files and folders whose presence means a run directory holds an earlier run's results.
+#: Files and folders whose presence means a run directory contains an earlier run's results.
 RESULT_ENTRIES = ("metrics.json", "embeddings.nc", "model", "nwb")
 
 
 @dataclass
 class RunSummary:
-    """Where a finished run wrote its results, and its headline numbers."""
+    """Run directory, headline metrics and output files of a finished run."""
 
     run_dir: Path
     metrics: dict[str, Any]
@@ -77,7 +77,7 @@ class RunSummary:
 
 
 def prepare_run_directory(recipe: Recipe, *, overwrite: bool = False) -> Path:
-    """Create the run directory, refusing one that holds an earlier run's results unless ``overwrite``.
+    """Create the run directory, refusing one that contains an earlier run's results unless ``overwrite``.
 
     Missing source files are reported first, before anything is written.
 
@@ -96,7 +96,7 @@ def prepare_run_directory(recipe: Recipe, *, overwrite: bool = False) -> Path:
     earlier = [name for name in RESULT_ENTRIES if (run_dir / name).exists()]
     if earlier and not overwrite:
         raise RunDirectoryError(
-            f"run directory {run_dir} already holds results of an earlier run ({', '.join(earlier)}); "
+            f"run directory {run_dir} already contains results of an earlier run ({', '.join(earlier)}); "
             "pass --overwrite to replace them, or choose another directory with --output"
         )
 

@@ -1,4 +1,4 @@
-"""The recipe: a YAML file that says what to load, how to train and where to write.
+"""The recipe: a YAML file that describes what to load, how to train and where to write.
 
 A recipe is validated by the pydantic models below. Unknown keys and wrong types are
 errors that name the key, its line in the file and the allowed values. Source paths
@@ -41,7 +41,7 @@ class Source(_Strict):
 
 
 class LabelSource(_Strict):
-    """Where one label of every neuron comes from."""
+    """Source of one label of every neuron: a units or electrodes column."""
 
     from_: str = Field(
         alias="from",
@@ -58,7 +58,7 @@ class LabelSource(_Strict):
 
 
 class UnitsPolicy(_Strict):
-    """How the Units reader treats irregular spike trains."""
+    """Policy of the Units reader for irregular spike trains."""
 
     sort_spikes: bool = Field(
         default=False,
@@ -138,7 +138,7 @@ class Evaluate(_Strict):
 
 
 class Output(_Strict):
-    """Where the run directory goes."""
+    """Location of the run directory."""
 
     dir: Path | None = Field(default=None, description="Run directory; 'runs/<name>' when not given.")
 
@@ -322,7 +322,7 @@ def _line_of(root: yaml.Node | None, location: list[str | int]) -> int | None:
 
 
 def _model_at(model: type[BaseModel], location: list[str | int]) -> type[BaseModel] | None:
-    """Return the pydantic model that holds the keys at ``location``, or None."""
+    """Return the pydantic model that contains the keys at ``location``, or None."""
     parts = [part for part in location if isinstance(part, str)]
     index = 0
     while index < len(parts):

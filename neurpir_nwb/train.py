@@ -62,7 +62,7 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a finished run measured."""
+    """Measurements of a finished training run: loss history, duration and throughput."""
 
     history: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0

@@ -166,7 +166,7 @@ def test_train_on_real_file(tmp_path, shared_data):
 
     # A second run into the same directory is refused, then allowed with --overwrite.
     again = run_cli("train", str(recipe), "--source", str(source), "--output", "runs/mtl", "--no-progress", cwd=tmp_path)
-    assert_one_line_error(again, "already holds results", "--overwrite")
+    assert_one_line_error(again, "already contains results", "--overwrite")
     again = run_cli("train", str(recipe), "--source", str(source), "--output", "runs/mtl", "--no-progress", "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "reusing the segment set" in (run_dir / "log.txt").read_text()

@@ -1,4 +1,4 @@
-"""What every command shares: logging handlers, the per-run log file and progress bars.
+"""Parts shared by every command: logging handlers, the per-run log file and progress bars.
 
 Logging handlers are set here and nowhere in the library.
 """
@@ -21,20 +21,33 @@ from neurpir_nwb.progress import Advance, Progress
 
 #: Logs and progress bars go to standard error, so standard output stays for results.
 console = Console(stderr=True)
+if not console.is_terminal:
+    # Redirected output is read in files and CI logs, where rich's default of 80 columns wraps paths.
+    console.width = 160
 
 LOGGER_NAME = "neurpir_nwb"
+
+#: Python warnings, such as pynwb's about a source file's content, are logged through this logger.
+WARNINGS_LOGGER_NAME = "py.warnings"
 
 
 def configure_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     """Send the package's log records to the terminal."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.handlers.clear()
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     handler.setLevel(level)
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
+
+    logging.captureWarnings(True)
+    for name in (LOGGER_NAME, WARNINGS_LOGGER_NAME):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
 
 
 @contextmanager
@@ -48,6 +61,7 @@ def run_log(path: Path) -> Iterator[Path]:
     handler.setLevel(logging.DEBUG)
     logger = logging.getLogger(LOGGER_NAME)
     logger.addHandler(handler)
+    logging.getLogger(WARNINGS_LOGGER_NAME).addHandler(handler)
     try:
         logger.debug("neurpir-nwb %s", __version__)
         logger.debug("versions: %s", ", ".join(f"{name} {version}" for name, version in software_versions().items()))
@@ -55,6 +69,7 @@ def run_log(path: Path) -> Iterator[Path]:
         yield path
     finally:
         logger.removeHandler(handler)
+        logging.getLogger(WARNINGS_LOGGER_NAME).removeHandler(handler)
         handler.close()
 
 
