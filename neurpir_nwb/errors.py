@@ -32,3 +32,7 @@ class ModelError(NeurpirError):
 
 class TrainingError(NeurpirError):
     """Training that cannot start or cannot go on, such as a missing CUDA device or a loss that became NaN."""
+
+
+class EvaluationInputError(DataError, ValueError):
+    """Invalid input to an evaluation function, such as too few labelled neurons per class."""

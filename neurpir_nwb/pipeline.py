@@ -34,14 +34,17 @@ import xarray as xr
 import yaml
 
 from neurpir_nwb._version import __version__
-from neurpir_nwb.errors import DataError, RunDirectoryError, SourceError
+from neurpir_nwb.errors import DataError, RecipeError, RunDirectoryError, SourceError
 from neurpir_nwb.evaluate import (
     ProbeResult,
+    ProbeSettings,
+    binned_activity_pca_features,
     fit_probe,
     plot_confusion,
     plot_embedding_map,
     plot_training_curve,
     probe_to_dict,
+    retrieval_top1,
     run_probe,
     spike_train_features,
 )
@@ -51,6 +54,7 @@ from neurpir_nwb.io.writer import write_embeddings_nwb
 from neurpir_nwb.model import EncoderConfig, NeurPIREncoder, Projector, VICRegLoss
 from neurpir_nwb.progress import Progress, SilentProgress
 from neurpir_nwb.recipe import Recipe
+from neurpir_nwb.simulate import SimulationSettings, simulate_dataset
 from neurpir_nwb.segments import (
     SegmentSettings,
     build_segment_set,
@@ -139,7 +143,11 @@ def run_recipe(
     logger.info("run directory: %s", run_dir)
 
     clock = time.perf_counter()
-    recordings = read_sources(recipe, progress)
+    source_paths = resolve_sources(recipe, run_dir, progress)
+    timings["simulate_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    recordings = read_sources(recipe, source_paths, progress)
     timings["read_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -147,15 +155,17 @@ def run_recipe(
     timings["segment_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    encoder, train_result = train_encoder(recipe, segment_set, run_dir, progress)
+    data = window_data(recipe, segment_set)
+    encoder, train_result = train_encoder(recipe, data, run_dir, progress)
     timings["train_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    embeddings = compute_embeddings(recipe, encoder, segment_set, progress)
+    embeddings, window_embeddings = compute_embeddings(recipe, encoder, segment_set, data, progress)
     timings["embed_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    evaluation = evaluate(recipe, embeddings, recordings, run_dir)
+    evaluation = evaluate(recipe, embeddings, recordings, data, run_dir)
+    evaluation.metrics["retrieval"] = score_retrieval(recipe, window_embeddings, data)
     embeddings = _with_predictions(embeddings, evaluation)
     embeddings.to_netcdf(run_dir / "embeddings.nc", engine="h5netcdf")
     _plot_training_curve(train_result.history, run_dir)
@@ -173,8 +183,10 @@ def run_recipe(
         "recipe_sha256": recipe.sha256(),
         "n_neurons": int(embeddings.sizes["neuron"]),
         "n_windows": int(segment_set["valid"].sum()),
-        "sources": [str(path) for path in recipe.source_paths],
+        "sources": [str(path) for path in source_paths],
         "training": {
+            "neurons": int(len(data.trainable_neurons())),
+            "heldout_windows": int(data.heldout.sum()),
             "device": train_result.device,
             "precision": train_result.precision,
             "steps": recipe.train.epochs * recipe.train.steps_per_epoch,
@@ -191,12 +203,33 @@ def run_recipe(
     return RunSummary(run_dir=run_dir, metrics=metrics, outputs=outputs)
 
 
-def read_sources(recipe: Recipe, progress: Progress) -> list[Recording]:
+def resolve_sources(recipe: Recipe, run_dir: Path, progress: Progress) -> list[Path]:
+    """Return the NWB file of every source, simulating the simulated animals into ``run_dir/simulated``.
+
+    Simulated files are then read like any other NWB file. A simulated file that
+    already exists with the same settings is reused.
+    """
+    paths = []
+    for source in recipe.sources:
+        if source.path is not None:
+            paths.append((recipe.base_dir / source.path).resolve())
+            continue
+
+        simulation = source.simulate
+        options = {"n_neurons": simulation.neurons, "duration_s": simulation.duration_s}
+        if simulation.type_mix is not None:
+            options["type_mix"] = simulation.type_mix
+        seeds = range(simulation.first_seed, simulation.first_seed + simulation.animals)
+        paths.extend(simulate_dataset(run_dir / "simulated", SimulationSettings(**options), seeds, progress=progress))
+    return paths
+
+
+def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[Recording]:
     """Read the Units table of every source file."""
     labels = {name: LabelSpec(source=spec.from_, field=spec.field) for name, spec in recipe.labels.items()}
     recordings = []
-    with progress.stage("reading NWB files", len(recipe.source_paths)) as advance:
-        for index, path in enumerate(recipe.source_paths):
+    with progress.stage("reading NWB files", len(paths)) as advance:
+        for index, path in enumerate(paths):
             recording = read_units(path, labels=labels, sort_spikes=recipe.units.sort_spikes)
             logger.info(
                 "%s: %d units, %d spikes over %.1f to %.1f s, positions from %s",
@@ -253,14 +286,33 @@ def build_modules(recipe: Recipe) -> tuple[NeurPIREncoder, Projector, VICRegLoss
     return encoder, projector, loss
 
 
-def train_encoder(recipe: Recipe, segment_set: xr.Dataset, run_dir: Path, progress: Progress):
+def window_data(recipe: Recipe, segment_set: xr.Dataset) -> WindowData:
+    """Prepare the windows for training: hold out the last windows, and the test subjects of a zero-shot split."""
+    train_neurons = None
+    if recipe.evaluate.split == "test-subjects":
+        subjects = segment_set["subject"].values.astype(str)
+        unknown = sorted(set(recipe.evaluate.test_subjects) - set(subjects.tolist()))
+        if unknown:
+            raise RecipeError(
+                f"evaluate.test_subjects {unknown} match no subject of the sources; "
+                f"the subjects are {sorted(set(subjects.tolist()))}"
+            )
+        train_neurons = np.flatnonzero(~np.isin(subjects, recipe.evaluate.test_subjects))
+        logger.info(
+            "zero-shot split: the encoder never sees subjects %s (%d neurons)",
+            ", ".join(recipe.evaluate.test_subjects),
+            int(len(subjects) - len(train_neurons)),
+        )
+    return WindowData(segment_set, holdout_fraction=recipe.train.holdout_fraction, train_neurons=train_neurons)
+
+
+def train_encoder(recipe: Recipe, data: WindowData, run_dir: Path, progress: Progress):
     """Train the encoder on positive pairs of windows, saving a checkpoint after every epoch."""
     torch.manual_seed(recipe.train.seed)
     encoder, projector, loss = build_modules(recipe)
-    options = recipe.train.model_dump(exclude={"embed_batch_size"})
+    options = recipe.train.model_dump(exclude={"embed_batch_size", "holdout_fraction"})
     trainer = Trainer(encoder, projector, loss, TrainConfig(**options))
 
-    data = WindowData(segment_set)
     with progress.stage("training", trainer.config.total_steps) as advance:
         result = trainer.fit(data, checkpoint_dir=run_dir / "model", on_step=lambda step, total, metrics: advance(step))
 
@@ -275,11 +327,16 @@ def train_encoder(recipe: Recipe, segment_set: xr.Dataset, run_dir: Path, progre
     return trainer.encoder, result
 
 
-def compute_embeddings(recipe: Recipe, encoder: NeurPIREncoder, segment_set: xr.Dataset, progress: Progress) -> xr.Dataset:
-    """Embed every window and average each neuron's windows into one embedding."""
-    data = WindowData(segment_set)
+def compute_embeddings(
+    recipe: Recipe, encoder: NeurPIREncoder, segment_set: xr.Dataset, data: WindowData, progress: Progress
+) -> tuple[xr.Dataset, np.ndarray]:
+    """Embed every window and average each neuron's windows into one embedding.
+
+    Returns the per-neuron embeddings with the segment set's neuron coordinates, and
+    the (neuron, window, dim) window embeddings.
+    """
     with progress.stage("embedding windows", None) as advance:
-        neuron_embeddings, _ = embed_neurons(
+        neuron_embeddings, window_embeddings = embed_neurons(
             encoder,
             data,
             batch_size=recipe.train.embed_batch_size,
@@ -289,11 +346,19 @@ def compute_embeddings(recipe: Recipe, encoder: NeurPIREncoder, segment_set: xr.
         )
 
     neuron_coords = {name: coord for name, coord in segment_set.coords.items() if coord.dims == ("neuron",)}
-    return xr.Dataset(
+    embeddings = xr.Dataset(
         {"embedding": (("neuron", "dim"), neuron_embeddings)},
-        coords=neuron_coords,
+        coords={**neuron_coords, "trained_on": ("neuron", np.isin(np.arange(data.n_neurons), data.trainable_neurons()))},
         attrs={"neurpir_version": __version__, "recipe_sha256": recipe.sha256(), "window_s": segment_set.attrs["window_s"]},
     )
+    return embeddings, window_embeddings
+
+
+def score_retrieval(recipe: Recipe, window_embeddings: np.ndarray, data: WindowData) -> dict[str, Any] | None:
+    """Score same-neuron retrieval of the held-out windows, when the recipe holds windows out."""
+    if recipe.train.holdout_fraction == 0 or not data.heldout.any():
+        return None
+    return retrieval_top1(window_embeddings, data.valid & ~data.heldout, data.heldout)
 
 
 @dataclass
@@ -307,7 +372,20 @@ class Evaluation:
     probe: dict[str, Any] | None = None
 
 
-def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording], run_dir: Path) -> Evaluation:
+def probe_settings(recipe: Recipe) -> ProbeSettings:
+    """Translate the recipe's evaluate section into probe settings."""
+    split = {"stratified": "stratified", "leave-one-subject-out": "leave-one-group-out", "test-subjects": "holdout"}
+    return ProbeSettings(
+        classifier=recipe.evaluate.probe,
+        class_balance=recipe.evaluate.class_balance,
+        knn_neighbours=recipe.evaluate.knn_neighbours,
+        split=split[recipe.evaluate.split],
+        folds=recipe.evaluate.folds,
+        test_groups=tuple(recipe.evaluate.test_subjects),
+    )
+
+
+def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording], data: WindowData, run_dir: Path) -> Evaluation:
     """Score the embeddings with a linear probe against the baseline features, and draw the figures."""
     figures = run_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -322,8 +400,11 @@ def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording]
     labels = embeddings[f"label_{label}"].values.astype(str)
     plot_embedding_map(vectors, labels, figures / "embedding_map.png", title=f"{recipe.name}: embeddings by {label}")
 
+    settings = probe_settings(recipe)
+    groups = embeddings["subject"].values.astype(str)
+    seed = recipe.train.seed
     try:
-        embedding_probe = run_probe(vectors, labels, folds=recipe.evaluate.folds, seed=recipe.train.seed)
+        embedding_probe = run_probe(vectors, labels, seed=seed, groups=groups, settings=settings)
     except ValueError as error:
         logger.warning("probe on label %r skipped: %s", label, error)
         return Evaluation(label=label, metrics={"probe": None, "probe_skipped": str(error)})
@@ -332,7 +413,10 @@ def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording]
     starts = np.concatenate([[recording.t_start_s] * recording.n_neurons for recording in recordings])
     stops = np.concatenate([[recording.t_stop_s] * recording.n_neurons for recording in recordings])
     baseline_features = spike_train_features(spikes, starts, stops)
-    baseline_probe = run_probe(baseline_features, labels, folds=recipe.evaluate.folds, seed=recipe.train.seed)
+    baseline_probe = run_probe(baseline_features, labels, seed=seed, groups=groups, settings=settings)
+
+    pca_features = binned_activity_pca_features(data.activity, data.valid, data.trainable_neurons(), seed=seed)
+    pca_probe = run_probe(pca_features, labels, seed=seed, groups=groups, settings=settings)
 
     plot_confusion(embedding_probe, figures / "confusion_embedding.png", title=f"{label}: probe on embeddings")
     plot_confusion(baseline_probe, figures / "confusion_baseline.png", title=f"{label}: probe on firing-rate and ISI features")
@@ -346,11 +430,18 @@ def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording]
         baseline_probe.balanced_accuracy,
     )
 
-    probe = probe_to_dict(fit_probe(vectors, labels, seed=recipe.train.seed))
+    probe = probe_to_dict(fit_probe(vectors, labels, seed=seed, settings=settings))
     metrics = {
-        "probe": {"label": label, "model": recipe.evaluate.probe, "split": f"{recipe.evaluate.split}-{embedding_probe.n_folds}"},
+        "probe": {
+            "label": label,
+            "model": recipe.evaluate.probe,
+            "split": recipe.evaluate.split,
+            "folds": embedding_probe.n_folds,
+            "test_subjects": list(recipe.evaluate.test_subjects),
+        },
         "embedding": embedding_probe.to_dict(),
         "baseline": {"features": "firing rate, CV of inter-spike intervals, log-ISI histogram", **baseline_probe.to_dict()},
+        "baseline_pca": {"features": "mean and SD of the 16 principal components of binned windows", **pca_probe.to_dict()},
     }
     return Evaluation(label=label, embedding_probe=embedding_probe, baseline_probe=baseline_probe, metrics=metrics, probe=probe)
 

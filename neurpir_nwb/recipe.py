@@ -34,10 +34,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
-class Source(_Strict):
-    """One NWB file to load."""
+class Simulation(_Strict):
+    """Simulated animals of Izhikevich neurons with known types, written as NWB files into the run directory."""
 
-    path: Path = Field(description="NWB file, relative to the recipe file or absolute.")
+    animals: int = Field(default=4, ge=1, description="Number of animals; animal i uses seed first_seed + i.")
+    first_seed: int = Field(default=0, ge=0, description="Seed of the first animal.")
+    neurons: int = Field(default=200, ge=2, description="Neurons per animal.")
+    duration_s: float = Field(default=300.0, gt=0, description="Recorded activity per animal, in seconds.")
+    type_mix: dict[str, float] | None = Field(
+        default=None, description="Share of each neuron type (RS, IB, CH, FS, LTS); the simulator's default mix when not given."
+    )
+
+
+class Source(_Strict):
+    """One NWB file to load, or a set of simulated animals."""
+
+    path: Path | None = Field(default=None, description="NWB file, relative to the recipe file or absolute.")
+    simulate: Simulation | None = Field(default=None, description="Simulated animals, written to <run directory>/simulated.")
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Source:
+        if (self.path is None) == (self.simulate is None):
+            raise ValueError("a source needs exactly one of 'path' (an NWB file) or 'simulate' (simulated animals)")
+        return self
 
 
 class LabelSource(_Strict):
@@ -125,16 +144,37 @@ class Train(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="'auto' takes CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="'auto' is bf16 autocast on CUDA and fp32 on the CPU.")
     seed: int = Field(default=0, ge=0, description="Seed of every random draw.")
+    holdout_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of each neuron's windows, the last in time, kept out of training to score same-neuron retrieval.",
+    )
     embed_batch_size: int = Field(default=256, ge=1, description="Windows per forward pass when computing embeddings.")
 
 
 class Evaluate(_Strict):
     """Probe settings."""
 
-    probe: Literal["logistic"] = Field(default="logistic", description="Classifier fitted on the embeddings.")
-    split: Literal["stratified"] = Field(default="stratified", description="Cross-validation scheme.")
-    folds: int = Field(default=5, ge=2, description="Folds of the cross-validation.")
+    probe: Literal["logistic", "knn"] = Field(default="logistic", description="Classifier fitted on the embeddings.")
+    split: Literal["stratified", "leave-one-subject-out", "test-subjects"] = Field(
+        default="stratified",
+        description=(
+            "'stratified': stratified k-fold over neurons. 'leave-one-subject-out': each subject is the probe's "
+            "test set once. 'test-subjects': the encoder and the probe never see test_subjects, which are scored zero-shot."
+        ),
+    )
+    folds: int = Field(default=5, ge=2, description="Folds of the stratified split.")
+    test_subjects: list[str] = Field(default_factory=list, description="Subject ids of the test set of the 'test-subjects' split.")
+    class_balance: bool = Field(default=True, description="Weight classes by inverse frequency in the logistic probe.")
+    knn_neighbours: int = Field(default=5, ge=1, description="Neighbours of the 'knn' probe.")
     label: str | None = Field(default=None, description="Label to predict; by default the first label of the recipe.")
+
+    @model_validator(mode="after")
+    def _check_test_subjects(self) -> Evaluate:
+        if self.split == "test-subjects" and not self.test_subjects:
+            raise ValueError("split 'test-subjects' needs test_subjects: the subject ids to hold out, such as [sim-animal-3]")
+        return self
 
 
 class Output(_Strict):
@@ -177,8 +217,13 @@ class Recipe(_Strict):
 
     @property
     def source_paths(self) -> list[Path]:
-        """Source paths resolved against the recipe's folder."""
-        return [(self.base_dir / source.path).resolve() for source in self.sources]
+        """Paths of the NWB file sources, resolved against the recipe's folder; simulated sources are left out."""
+        return [(self.base_dir / source.path).resolve() for source in self.sources if source.path is not None]
+
+    @property
+    def simulations(self) -> list[Simulation]:
+        """The simulated sources."""
+        return [source.simulate for source in self.sources if source.simulate is not None]
 
     @property
     def output_dir(self) -> Path:
@@ -194,8 +239,11 @@ class Recipe(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         """Return the recipe with every default filled in and absolute source paths."""
-        data = self.model_dump(mode="json", by_alias=True)
-        data["sources"] = [{"path": str(path)} for path in self.source_paths]
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data["sources"] = [
+            {"path": str((self.base_dir / source.path).resolve())} if source.path is not None else data["sources"][index]
+            for index, source in enumerate(self.sources)
+        ]
         data["output"] = {"dir": str(self.output_dir)}
         return data
 

@@ -101,9 +101,19 @@ class WindowData:
     ----------
     dataset
         A segment set from :func:`neurpir_nwb.segments.build_segment_set`.
+    holdout_fraction
+        Share of each neuron's valid windows, the last ones in time, that training never
+        sees; the retrieval score uses them.
+    train_neurons
+        Indices of the neurons training may draw; by default all. The others are
+        still embedded, and may still appear as neighbours of a training neuron only
+        when they belong to its recording.
     """
 
-    def __init__(self, dataset: xr.Dataset):
+    def __init__(self, dataset: xr.Dataset, *, holdout_fraction: float = 0.0, train_neurons: np.ndarray | None = None):
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+
         activity = dataset["activity"].values.astype(np.float32)
         if dataset.attrs.get("activity_transform") == "log1p":
             activity = np.log1p(activity)
@@ -115,14 +125,25 @@ class WindowData:
         self.distance_bin = dataset["distance_bin"].values.astype(np.int64)
         self.empty = dataset["empty"].values.astype(bool)
 
+        # The last ceil(fraction * valid windows) windows of each neuron are held out of training.
+        n_valid = self.valid.sum(axis=1, keepdims=True)
+        n_heldout = np.ceil(holdout_fraction * n_valid).astype(np.int64)
+        rank = np.cumsum(self.valid, axis=1)
+        self.heldout = self.valid & (rank > n_valid - n_heldout)
+        self.train_mask = self.valid & ~self.heldout
+        if train_neurons is not None:
+            allowed = np.zeros(self.n_neurons, dtype=bool)
+            allowed[np.asarray(train_neurons, dtype=np.int64)] = True
+            self.train_mask &= allowed[:, None]
+
     @property
     def n_neurons(self) -> int:
         """Neurons in the set."""
         return self.activity.shape[0]
 
     def trainable_neurons(self) -> np.ndarray:
-        """Return the indices of the neurons with spikes and at least two valid windows."""
-        return np.flatnonzero(~self.empty & (self.valid.sum(axis=1) >= 2))
+        """Return the indices of the neurons with spikes and at least two training windows."""
+        return np.flatnonzero(~self.empty & (self.train_mask.sum(axis=1) >= 2))
 
     def view(self, neurons: np.ndarray, windows: np.ndarray) -> View:
         """Gather each neuron with its neighbours in one window.
@@ -151,7 +172,7 @@ class WindowData:
         )
 
     def sample_pairs(self, rng: np.random.Generator, batch_size: int, neurons: np.ndarray) -> tuple[View, View]:
-        """Draw a batch of positive pairs: two different valid windows of each drawn neuron.
+        """Draw a batch of positive pairs: two different training windows of each drawn neuron.
 
         Neurons are drawn without replacement while the batch is no larger than the
         set, so the batch's other neurons act as the negatives that VICReg's variance
@@ -159,15 +180,15 @@ class WindowData:
         """
         chosen = rng.choice(neurons, size=batch_size, replace=batch_size > len(neurons))
 
-        # Two distinct valid windows per neuron: draw the first, then shift by a random non-zero offset.
+        # Two distinct training windows per neuron: draw the first, then shift by a random non-zero offset.
         windows_a = np.empty(batch_size, dtype=np.int64)
         windows_b = np.empty(batch_size, dtype=np.int64)
         for index, neuron in enumerate(chosen):
-            valid_windows = np.flatnonzero(self.valid[neuron])
-            first = rng.integers(len(valid_windows))
-            second = (first + rng.integers(1, len(valid_windows))) % len(valid_windows)
-            windows_a[index] = valid_windows[first]
-            windows_b[index] = valid_windows[second]
+            training_windows = np.flatnonzero(self.train_mask[neuron])
+            first = rng.integers(len(training_windows))
+            second = (first + rng.integers(1, len(training_windows))) % len(training_windows)
+            windows_a[index] = training_windows[first]
+            windows_b[index] = training_windows[second]
 
         return self.view(chosen, windows_a), self.view(chosen, windows_b)
 

@@ -9,6 +9,7 @@ import click
 import typer
 
 from neurpir_nwb._version import __version__
+from neurpir_nwb.cli import simulate as simulate_command
 from neurpir_nwb.cli import train as train_command
 from neurpir_nwb.cli.base import configure_logging, console
 from neurpir_nwb.errors import NeurpirError
@@ -46,6 +47,7 @@ def _global_options(
 
 
 app.command("train")(train_command.train)
+app.command("simulate")(simulate_command.simulate)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,8 +10,6 @@ from typing import Annotated
 import typer
 
 from neurpir_nwb.cli.base import ProgressBars, console, run_log
-from neurpir_nwb.pipeline import prepare_run_directory, run_recipe
-from neurpir_nwb.recipe import load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +58,10 @@ def train(
 
       neurpir-nwb train recipes/human-mtl-regions.yaml --source data/sub-4_ses-4.nwb --output runs/mtl
     """
+    # Imported here so that --help and --version answer without loading torch and pynwb.
+    from neurpir_nwb.pipeline import prepare_run_directory, run_recipe
+    from neurpir_nwb.recipe import load_recipe
+
     loaded = load_recipe(recipe, sources=source, output=output)
     if device is not None:
         loaded.train.device = device.value
