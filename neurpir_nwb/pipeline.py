@@ -61,7 +61,7 @@ from neurpir_nwb.segments import (
     load_segment_set,
     save_segment_set,
 )
-from neurpir_nwb.train import TrainConfig, Trainer, WindowData, embed_neurons
+from neurpir_nwb.train import TrainConfig, Trainer, WindowData, embed_neurons, resolve_device
 
 __all__ = ["RunSummary", "run_recipe", "prepare_run_directory"]
 
@@ -83,7 +83,8 @@ class RunSummary:
 def prepare_run_directory(recipe: Recipe, *, overwrite: bool = False) -> Path:
     """Create the run directory, refusing one that contains an earlier run's results unless ``overwrite``.
 
-    Missing source files are reported first, before anything is written.
+    Missing source files and a missing CUDA device are reported first, before
+    anything is written.
 
     With ``overwrite`` the earlier results are removed, but the segment set stays so
     that it can be reused.
@@ -93,8 +94,9 @@ def prepare_run_directory(recipe: Recipe, *, overwrite: bool = False) -> Path:
         raise SourceError(
             f"source file {missing[0]} not found"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "; fix the path in the recipe (relative to the recipe file) or give it with --source"
+            + "; check the path (paths in a recipe are relative to the recipe file)"
         )
+    resolve_device(recipe.train.device)
 
     run_dir = recipe.output_dir
     earlier = [name for name in RESULT_ENTRIES if (run_dir / name).exists()]
@@ -335,7 +337,8 @@ def compute_embeddings(
     Returns the per-neuron embeddings with the segment set's neuron coordinates, and
     the (neuron, window, dim) window embeddings.
     """
-    with progress.stage("embedding windows", None) as advance:
+    n_batches = -(-int(data.valid.sum()) // recipe.train.embed_batch_size)
+    with progress.stage("embedding windows (batches)", n_batches) as advance:
         neuron_embeddings, window_embeddings = embed_neurons(
             encoder,
             data,
@@ -459,8 +462,14 @@ def _with_predictions(embeddings: xr.Dataset, evaluation: Evaluation) -> xr.Data
 
 def _plot_training_curve(history: dict[str, list[float]], run_dir: Path) -> None:
     """Draw the loss terms against the step."""
-    curves = {name: values for name, values in history.items() if name in ("loss", "invariance", "variance", "covariance")}
-    plot_training_curve(curves, run_dir / "figures" / "training_curve.png", title="VICReg loss")
+    names = {
+        "loss": "loss (weighted sum)",
+        "invariance": "invariance (unweighted)",
+        "variance": "variance (unweighted)",
+        "covariance": "covariance (unweighted)",
+    }
+    curves = {label: history[name] for name, label in names.items() if name in history}
+    plot_training_curve(curves, run_dir / "figures" / "training_curve.png", title="VICReg loss and its terms")
 
 
 def save_model(recipe: Recipe, encoder: NeurPIREncoder, segment_set: xr.Dataset, evaluation: Evaluation, run_dir: Path) -> Path:

@@ -207,6 +207,15 @@ def build_segment_set(
     distance = np.concatenate([part["distance"] for part in parts])
     if edges is None:
         edges = distance_bin_edges(distance, settings.distance_bins)
+        distinct = np.unique(np.asarray(edges))
+        if settings.neighbours and distinct.size < len(edges):
+            logger.warning(
+                "neighbour distances take few distinct values (bin edges %s), so %d of %d distance bins stay empty; "
+                "positions may come from few electrodes",
+                np.round(distinct, 3).tolist(),
+                len(edges) - distinct.size,
+                settings.distance_bins - 1,
+            )
     distance_bin = assign_distance_bins(distance, np.asarray(edges, dtype=np.float64), settings.distance_bins)
 
     coords = _neuron_coords(recordings)

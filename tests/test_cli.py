@@ -170,3 +170,23 @@ def test_train_on_real_file(tmp_path, shared_data):
     again = run_cli("train", str(recipe), "--source", str(source), "--output", "runs/mtl", "--no-progress", "--overwrite", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "reusing the segment set" in (run_dir / "log.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["trian", "x.yaml"], ["train"], ["--verison"], ["train", "r.yaml", "--device", "gpu"]],
+    ids=["unknown-command", "missing-recipe", "unknown-option", "invalid-device"],
+)
+def test_usage_errors_without_traceback(tmp_path, arguments):
+    result = run_cli(*arguments, cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Error" in result.stderr
+
+
+def test_no_arguments_prints_help(tmp_path):
+    result = run_cli(cwd=tmp_path)
+
+    assert "Traceback" not in result.stderr
+    assert "train" in result.stdout + result.stderr

@@ -1,9 +1,6 @@
 """The Izhikevich network simulator: single-neuron behaviour, networks, NWB files and the command."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +20,8 @@ from neurpir_nwb.simulate import (
     simulate_neurons,
     write_animal_nwb,
 )
+from tests.test_cli import run_cli
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 
 # Constant input well above the rheobase of every type (4 for b = 0.2, about 1 for LTS).
 STRONG_INPUT = 10.0
@@ -407,16 +404,6 @@ def test_dataset_rejects_repeated_seeds(tmp_path):
 # --- command line ------------------------------------------------------------------------
 
 
-def run_cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "neurpir_nwb", *arguments],
-        cwd=cwd,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_cli_writes_files(tmp_path):

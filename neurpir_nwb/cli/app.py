@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from typing import Annotated
 
-import click
 import typer
 
 from neurpir_nwb._version import __version__
@@ -51,20 +50,15 @@ app.command("simulate")(simulate_command.simulate)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the program, turning a known error into one line on standard error and exit status 2."""
+    """Run the program, turning a known error into one line on standard error and exit status 2.
+
+    Usage errors (an unknown option or command, a missing argument) are reported by
+    click itself, also with exit status 2.
+    """
     try:
-        app(args=argv, prog_name="neurpir-nwb", standalone_mode=False)
+        app(args=argv, prog_name="neurpir-nwb", standalone_mode=True)
     except NeurpirError as error:
         if _state["debug"]:
             console.print_exception()
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except click.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except click.exceptions.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    sys.exit(0)

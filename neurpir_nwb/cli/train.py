@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from neurpir_nwb.cli.base import ProgressBars, console, run_log
+from neurpir_nwb.errors import NeurpirError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def train(
 
       neurpir-nwb train recipes/izhikevich.yaml
 
-      neurpir-nwb train recipes/human-mtl-regions.yaml --source data/sub-4_ses-4.nwb --output runs/mtl
+      neurpir-nwb train recipes/human-mtl-regions.yaml --source sub-4_ses-4_ecephys+image.nwb --output runs/mtl
     """
     # Imported here so that --help and --version answer without loading torch and pynwb.
     from neurpir_nwb.pipeline import prepare_run_directory, run_recipe
@@ -71,7 +72,11 @@ def train(
     run_dir = prepare_run_directory(loaded, overwrite=overwrite)
     with run_log(run_dir / "log.txt"):
         logger.info("recipe %s (sha256 %s)", recipe, loaded.sha256()[:12])
-        summary = run_recipe(loaded, run_dir=run_dir, progress=ProgressBars(enabled=progress))
+        try:
+            summary = run_recipe(loaded, run_dir=run_dir, progress=ProgressBars(enabled=progress))
+        except NeurpirError as error:
+            logger.debug("run failed: %s", error)
+            raise
 
     _print_summary(summary.metrics, summary.run_dir)
 

@@ -6,6 +6,7 @@ splits, so the two are scored alike.
 
 from neurpir_nwb.errors import EvaluationInputError
 from neurpir_nwb.evaluate.features import (
+    binned_activity_pca,
     binned_activity_pca_features,
     isi_histogram_edges_s,
     spike_train_feature_names,
@@ -26,6 +27,7 @@ __all__ = [
     "EvaluationInputError",
     "ProbeResult",
     "ProbeSettings",
+    "binned_activity_pca",
     "binned_activity_pca_features",
     "fit_probe",
     "isi_histogram_edges_s",

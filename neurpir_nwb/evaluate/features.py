@@ -193,7 +193,7 @@ def _validate_isi_range(isi_bins: int, isi_range_s: tuple[float, float]) -> tupl
 
 
 
-def binned_activity_pca_features(
+def binned_activity_pca(
     activity: np.ndarray,
     valid: np.ndarray,
     fit_neurons: np.ndarray,
@@ -201,11 +201,10 @@ def binned_activity_pca_features(
     n_components: int = 16,
     seed: int = 0,
 ) -> np.ndarray:
-    """Summarise each neuron by the principal components of its binned windows.
+    """Project every window onto the principal components of the fitting neurons' windows.
 
     PCA is fitted on the flattened windows (patches x bins) of ``fit_neurons`` only, so
-    a held-out animal never shapes the components. Each neuron's features are the
-    mean and the standard deviation of its windows' projections.
+    a held-out animal never shapes the components.
 
     Parameters
     ----------
@@ -220,7 +219,7 @@ def binned_activity_pca_features(
     Returns
     -------
     numpy.ndarray
-        ``(n_neurons, 2 * n_components)`` float64 features.
+        ``(n_neurons, n_windows, n_components)`` float64 projections; invalid windows are NaN.
     """
     n_neurons, n_windows = valid.shape
     flat = activity.reshape(n_neurons, n_windows, -1)
@@ -232,10 +231,34 @@ def binned_activity_pca_features(
     components = int(min(n_components, fit_mask.sum(), flat.shape[-1]))
     pca = PCA(n_components=components, random_state=seed).fit(np.nan_to_num(flat[fit_mask]))
 
-    # (n_neurons, n_windows, components) projections; invalid windows are ignored in the summaries.
     projected = pca.transform(np.nan_to_num(flat.reshape(n_neurons * n_windows, -1))).reshape(n_neurons, n_windows, components)
+    projected[~valid] = np.nan
+    return projected
+
+
+def binned_activity_pca_features(
+    activity: np.ndarray,
+    valid: np.ndarray,
+    fit_neurons: np.ndarray,
+    *,
+    n_components: int = 16,
+    seed: int = 0,
+) -> np.ndarray:
+    """Summarise each neuron by the mean and the standard deviation of its windows' principal components.
+
+    The arguments are those of :func:`binned_activity_pca`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_neurons, 2 * n_components)`` float64 features.
+    """
+    projected = binned_activity_pca(activity, valid, fit_neurons, n_components=n_components, seed=seed)
+
+    # Invalid windows are NaN and ignored; a neuron without valid windows gets zeros.
     weights = valid[..., None].astype(np.float64)
     counts = np.maximum(weights.sum(axis=1), 1.0)
-    mean = (projected * weights).sum(axis=1) / counts
-    std = np.sqrt(((projected - mean[:, None, :]) ** 2 * weights).sum(axis=1) / counts)
+    values = np.nan_to_num(projected)
+    mean = (values * weights).sum(axis=1) / counts
+    std = np.sqrt(((values - mean[:, None, :]) ** 2 * weights).sum(axis=1) / counts)
     return np.concatenate([mean, std], axis=1)

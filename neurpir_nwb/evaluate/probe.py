@@ -262,7 +262,7 @@ def run_probe(
         split=settings.split,
         classifier=settings.classifier,
     )
-    logger.info(
+    logger.debug(
         "%s probe on %d labelled neurons, %d classes, %d %s folds: macro-F1 %.3f (chance %.3f), balanced accuracy %.3f",
         settings.classifier,
         result.n_labelled,

@@ -7,7 +7,9 @@ file and gives the fix, instead of a traceback from deep inside h5py or pynwb.
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,8 @@ import numpy as np
 from pynwb import NWBFile, NWBHDF5IO
 
 from neurpir_nwb.errors import SourceError
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -51,11 +55,17 @@ def open_nwb(path: str | Path) -> Iterator[tuple[NWBHDF5IO, NWBFile]]:
 
     try:
         try:
-            nwbfile = io.read()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                nwbfile = io.read()
         except Exception as error:  # Any failure of the reader means the file is unreadable here.
             raise SourceError(
                 f"{path} is not a readable NWB 2.x file: pynwb failed to read it ({_one_line(error)})"
             ) from error
+
+        # pynwb warns about the content of the file, such as an inconsistent OpticalSeries, on every read.
+        for message in dict.fromkeys(str(warning.message) for warning in caught):
+            logger.info("%s: pynwb reported while reading: %s", path.name, message)
         yield io, nwbfile
     finally:
         io.close()
