@@ -1,6 +1,6 @@
 """Accuracy benchmark on simulated Izhikevich animals: in domain, out of domain and retrieval.
 
-The encoder trains on every animal but one, which it never sees. Then:
+The encoder trains on every animal but one, which stays unseen. Then:
 
 - in domain: a stratified 5-fold probe over the neurons of the training animals;
 - out of domain: the probe fitted on the training animals and scored on the unseen one;

@@ -54,7 +54,8 @@ def test_unknown_key_names_line_and_allowed(tmp_path):
     assert "line 6" in message
     assert "unknown key 'segments.neighbors'" in message
     assert "did you mean 'neighbours'" in message
-    assert "bin_size_s" in message and "patches" in message
+    assert "bin_size_s" in message
+    assert "patches" in message
 
 
 def test_unknown_top_level_key(tmp_path):

@@ -319,7 +319,7 @@ def _splits(
     for train_index, _ in pairs:
         if np.unique(y[train_index]).size < 2:
             raise EvaluationInputError(
-                "a training split holds fewer than 2 classes, so no classifier can be fitted; "
+                "a training split contains fewer than 2 classes, so no classifier can be fitted; "
                 "use the stratified split or add labelled neurons to the other groups"
             )
     return pairs

@@ -1,0 +1,100 @@
+"""A tiny simulated recipe run end to end in-process: simulate, segment, train, probe, write."""
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+from pynwb import NWBHDF5IO
+
+from neurpir_nwb.errors import RecipeError, RunDirectoryError
+from neurpir_nwb.pipeline import run_recipe
+from neurpir_nwb.recipe import load_recipe
+
+TINY_SIMULATED = """\
+name: tiny-sim
+sources:
+  - simulate: {animals: 3, first_seed: 0, neurons: 25, duration_s: 20}
+labels:
+  cell_type: {from: units.cell_type}
+segments: {bin_size_s: 0.01, bins_per_patch: 8, patches: 8, neighbours: 3, distance_bins: 4}
+model: {dim: 16, heads: 2, temporal_layers: 1, spatiotemporal_layers: 1, projector: [32, 32]}
+train: {epochs: 1, steps_per_epoch: 5, batch_size: 16, lr: 1.0e-3, device: cpu, holdout_fraction: 0.2}
+evaluate: {split: test-subjects, test_subjects: [sim-animal-2], probe: knn, knn_neighbours: 3}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    recipe_path = folder / "tiny.yaml"
+    recipe_path.write_text(TINY_SIMULATED)
+    recipe = load_recipe(recipe_path, output=folder / "run")
+    summary = run_recipe(recipe)
+    return recipe, summary
+
+
+def test_simulated_run_writes_everything(tiny_run):
+    _, summary = tiny_run
+    run_dir = summary.run_dir
+
+    assert sorted(path.name for path in (run_dir / "simulated").glob("*.nwb")) == [f"sim-animal-{seed}.nwb" for seed in range(3)]
+    assert sorted(path.name for path in summary.outputs) == [f"sim-animal-{seed}.nwb" for seed in range(3)]
+    for name in ("metrics.json", "embeddings.nc", "segments.nc", "model/weights.pt", "figures/confusion_embedding.png"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_zero_shot_split_keeps_test_animal_unseen(tiny_run):
+    _, summary = tiny_run
+    embeddings = xr.open_dataset(summary.run_dir / "embeddings.nc", engine="h5netcdf")
+    subjects = embeddings["subject"].values.astype(str)
+    trained_on = embeddings["trained_on"].values.astype(bool)
+
+    assert not trained_on[subjects == "sim-animal-2"].any()
+    assert trained_on[subjects != "sim-animal-2"].all()
+    metrics = summary.metrics
+    assert metrics["probe"]["split"] == "test-subjects"
+    assert metrics["embedding"]["classifier"] == "knn"
+    assert sum(map(sum, metrics["embedding"]["confusion"])) == 25
+
+
+def test_metrics_hold_retrieval_and_baselines(tiny_run):
+    recipe, summary = tiny_run
+    metrics = json.loads((summary.run_dir / "metrics.json").read_text())
+
+    assert metrics["retrieval"]["n_queries"] > 0
+    assert 0.0 <= metrics["retrieval"]["top1"] <= 1.0
+    for key in ("embedding", "baseline", "baseline_pca"):
+        assert metrics[key]["chance_balanced_accuracy"] == pytest.approx(1 / len(metrics[key]["classes"]))
+    assert metrics["training"]["heldout_windows"] > 0
+    assert metrics["recipe_sha256"] == recipe.sha256()
+
+
+def test_output_predictions_are_known_types(tiny_run):
+    _, summary = tiny_run
+    with NWBHDF5IO(str(summary.outputs[-1]), "r") as io:
+        nwb = io.read()
+        table = nwb.processing["neurpir"]["embeddings"]
+        predicted = set(np.asarray(table["predicted_label"].data[:]).astype(str))
+        assert predicted <= {"RS", "IB", "CH", "FS", "LTS"}
+        assert len(table) == len(nwb.units)
+
+
+def test_rerun_refused_then_reuses_simulation(tiny_run):
+    recipe, summary = tiny_run
+    with pytest.raises(RunDirectoryError, match=r"already contains results"):
+        run_recipe(recipe)
+
+    before = {path: path.stat().st_mtime_ns for path in (summary.run_dir / "simulated").glob("*.nwb")}
+    run_recipe(recipe, overwrite=True)
+    after = {path: path.stat().st_mtime_ns for path in (summary.run_dir / "simulated").glob("*.nwb")}
+    assert before == after
+
+
+def test_unknown_test_subject(tmp_path):
+    recipe_path = tmp_path / "tiny.yaml"
+    recipe_path.write_text(TINY_SIMULATED.replace("test_subjects: [sim-animal-2]", "test_subjects: [mouse-7]"))
+    recipe = load_recipe(recipe_path, output=tmp_path / "run")
+
+    with pytest.raises(RecipeError, match=r"test_subjects \['mouse-7'\] match no subject"):
+        run_recipe(recipe)
