@@ -219,8 +219,9 @@ def resolve_sources(recipe: Recipe, run_dir: Path, progress: Progress) -> list[P
 
         simulation = source.simulate
         options = {"n_neurons": simulation.neurons, "duration_s": simulation.duration_s}
-        if simulation.type_mix is not None:
-            options["type_mix"] = simulation.type_mix
+        for name in ("type_mix", "parameter_jitter", "reset_jitter_mv"):
+            if getattr(simulation, name) is not None:
+                options[name] = getattr(simulation, name)
         seeds = range(simulation.first_seed, simulation.first_seed + simulation.animals)
         paths.extend(simulate_dataset(run_dir / "simulated", SimulationSettings(**options), seeds, progress=progress))
     return paths

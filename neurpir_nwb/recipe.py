@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from neurpir_nwb.errors import RecipeError
 
-__all__ = ["Recipe", "load_recipe", "recipe_json_schema"]
+__all__ = ["Recipe", "bundled_recipes", "load_recipe", "recipe_json_schema"]
 
 
 class _Strict(BaseModel):
@@ -43,6 +43,12 @@ class Simulation(_Strict):
     duration_s: float = Field(default=300.0, gt=0, description="Recorded activity per animal, in seconds.")
     type_mix: dict[str, float] | None = Field(
         default=None, description="Share of each neuron type (RS, IB, CH, FS, LTS); the simulator's default mix when not given."
+    )
+    parameter_jitter: float | None = Field(
+        default=None, ge=0, description="Relative SD of each neuron's a, b and d around its type's values; the simulator's default when not given."
+    )
+    reset_jitter_mv: float | None = Field(
+        default=None, ge=0, description="SD in mV of each neuron's reset potential c; the simulator's default when not given."
     )
 
 
@@ -144,6 +150,12 @@ class Train(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="'auto' takes CUDA when available.")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="'auto' is bf16 autocast on CUDA and fp32 on the CPU.")
     seed: int = Field(default=0, ge=0, description="Seed of every random draw.")
+    neighbour_dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Probability that a view hides each neighbour, independently in the two views of a pair.",
+    )
     holdout_fraction: float = Field(
         default=0.0,
         ge=0,
@@ -283,9 +295,7 @@ def load_recipe(
         When the file is missing, is not YAML, or fails validation. The message names
         the key, its line and the allowed values.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} not found; give the path of a YAML recipe such as recipes/izhikevich.yaml")
+    path = _find_recipe(Path(path))
 
     text = path.read_text(encoding="utf-8")
     try:
@@ -311,6 +321,32 @@ def load_recipe(
 
     recipe.base_dir = path.resolve().parent
     return recipe
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Return the recipes shipped with the package, by name.
+
+    An installed wheel carries them in ``neurpir_nwb/recipes``; a source checkout has
+    them in ``recipes/`` beside the package.
+    """
+    package = Path(__file__).resolve().parent
+    for folder in (package / "recipes", package.parent / "recipes"):
+        if folder.is_dir():
+            return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+    return {}
+
+
+def _find_recipe(path: Path) -> Path:
+    """Return ``path`` if it is a file, else the bundled recipe of that name, else raise RecipeError."""
+    if path.is_file():
+        return path
+
+    bundled = bundled_recipes()
+    if path.suffix in ("", ".yaml") and path.stem in bundled and len(path.parts) <= 2:
+        return bundled[path.stem]
+
+    names = ", ".join(bundled) or "none found"
+    raise RecipeError(f"recipe {path} not found; give the path of a YAML recipe, or the name of a bundled recipe ({names})")
 
 
 def recipe_json_schema() -> dict[str, Any]:

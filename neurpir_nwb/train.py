@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0
+    neighbour_dropout: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -171,12 +172,16 @@ class WindowData:
             torch.from_numpy(present),
         )
 
-    def sample_pairs(self, rng: np.random.Generator, batch_size: int, neurons: np.ndarray) -> tuple[View, View]:
+    def sample_pairs(
+        self, rng: np.random.Generator, batch_size: int, neurons: np.ndarray, *, neighbour_dropout: float = 0.0
+    ) -> tuple[View, View]:
         """Draw a batch of positive pairs: two different training windows of each drawn neuron.
 
         Neurons are drawn without replacement while the batch is no larger than the
         set, so the batch's other neurons act as the negatives that VICReg's variance
-        and covariance terms push away.
+        and covariance terms push away. With ``neighbour_dropout`` above 0, each view
+        hides each neighbour with that probability, independently, so the two views of
+        a pair see different neighbours.
         """
         chosen = rng.choice(neurons, size=batch_size, replace=batch_size > len(neurons))
 
@@ -190,7 +195,20 @@ class WindowData:
             windows_a[index] = training_windows[first]
             windows_b[index] = training_windows[second]
 
-        return self.view(chosen, windows_a), self.view(chosen, windows_b)
+        view_a, view_b = self.view(chosen, windows_a), self.view(chosen, windows_b)
+        if neighbour_dropout > 0:
+            view_a, view_b = (_drop_neighbours(view, rng, neighbour_dropout) for view in (view_a, view_b))
+        return view_a, view_b
+
+
+def _drop_neighbours(view: View, rng: np.random.Generator, probability: float) -> View:
+    """Hide each neighbour of a view with the given probability; the target always stays."""
+    activity, distance_bins, present = view
+    keep = torch.from_numpy(rng.random(tuple(present.shape)) >= probability)
+    keep[:, 0] = True
+    present = present & keep
+    activity = activity * present[..., None, None]
+    return activity, distance_bins, present
 
 
 class Trainer:
@@ -302,7 +320,7 @@ class Trainer:
         step_number = 0
         for epoch in range(config.epochs):
             for _ in range(config.steps_per_epoch):
-                view_a, view_b = data.sample_pairs(rng, config.batch_size, neurons)
+                view_a, view_b = data.sample_pairs(rng, config.batch_size, neurons, neighbour_dropout=config.neighbour_dropout)
                 metrics = self.step(view_a, view_b)
                 for name, value in metrics.items():
                     history.setdefault(name, []).append(value)

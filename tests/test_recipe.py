@@ -101,11 +101,6 @@ def test_probe_label_must_exist(tmp_path):
         load_recipe(write(tmp_path / "r.yaml", text))
 
 
-def test_missing_recipe_file(tmp_path):
-    with pytest.raises(RecipeError, match=r"recipe .*nope.yaml not found"):
-        load_recipe(tmp_path / "nope.yaml")
-
-
 def test_invalid_yaml(tmp_path):
     with pytest.raises(RecipeError, match=r"is not valid YAML"):
         load_recipe(write(tmp_path / "r.yaml", "name: [r\n"))
@@ -119,7 +114,7 @@ def test_hash_changes_with_content(tmp_path):
     assert first.data_sha256() == second.data_sha256()
 
 
-@pytest.mark.parametrize("name", ["human-mtl-regions.yaml"])
+@pytest.mark.parametrize("name", ["human-mtl-regions.yaml", "izhikevich.yaml"])
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(REPOSITORY / "recipes" / name)
     assert recipe.name == name.removesuffix(".yaml")
@@ -128,3 +123,16 @@ def test_shipped_recipes_validate(name):
 def test_exported_schema_is_current():
     exported = json.loads((REPOSITORY / "schemas" / "recipe.schema.json").read_text())
     assert exported == recipe_json_schema(), "regenerate it with: python -m neurpir_nwb.recipe"
+
+
+def test_bundled_recipe_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("izhikevich")
+
+    assert recipe.name == "izhikevich"
+    assert recipe.simulations[0].animals == 4
+
+
+def test_unknown_recipe_lists_bundled(tmp_path):
+    with pytest.raises(RecipeError, match=r"bundled recipe \(human-mtl-regions, izhikevich\)"):
+        load_recipe(tmp_path / "nope.yaml")

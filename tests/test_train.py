@@ -128,3 +128,15 @@ def test_bf16_training_step_on_cpu(segment_set):
 
     assert result.precision == "bf16"
     assert np.isfinite(result.history["loss"]).all()
+
+
+def test_neighbour_dropout_differs_between_views(segment_set):
+    data = WindowData(segment_set)
+    rng = np.random.default_rng(0)
+    (activity_a, _, present_a), (_, _, present_b) = data.sample_pairs(rng, 64, data.trainable_neurons(), neighbour_dropout=0.5)
+
+    assert present_a[:, 0].all()
+    assert present_b[:, 0].all()
+    assert not torch.equal(present_a, present_b)
+    assert 0.3 < present_a[:, 1:].float().mean().item() < 0.7
+    assert activity_a[~present_a].abs().sum() == 0

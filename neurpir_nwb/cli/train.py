@@ -24,7 +24,7 @@ class Device(str, enum.Enum):
 
 
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe, such as recipes/izhikevich.yaml.", show_default=False)],
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe, or the name of a bundled recipe (izhikevich, human-mtl-regions).", show_default=False)],
     source: Annotated[
         list[Path] | None,
         typer.Option(
@@ -59,7 +59,7 @@ def train(
 
       neurpir-nwb train recipes/human-mtl-regions.yaml --source sub-4_ses-4_ecephys+image.nwb --output runs/mtl
     """
-    # Imported here so that --help and --version answer without loading torch and pynwb.
+    # Imported here so that --help and --version return without loading torch and pynwb.
     from neurpir_nwb.pipeline import prepare_run_directory, run_recipe
     from neurpir_nwb.recipe import load_recipe
 
