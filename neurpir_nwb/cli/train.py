@@ -97,4 +97,8 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
             f"(chance {embedding['chance_balanced_accuracy']:.3f}); baseline macro-F1 {baseline['macro_f1']:.3f}, "
             f"balanced accuracy {baseline['balanced_accuracy']:.3f}"
         )
+    retrieval = metrics.get("retrieval")
+    if retrieval:
+        typer.echo(f"retrieval of held-out windows: top-1 {retrieval['top1']:.3f} (chance {retrieval['chance']:.3f})")
+    typer.echo(f"metrics: {run_dir / 'metrics.json'}, figures: {run_dir / 'figures'}, NWB outputs: {run_dir / 'nwb'}")
     console.print(f"total time: {metrics['timings_s']['total_s']:.1f} s", highlight=False)
