@@ -48,6 +48,7 @@ from neurpir_nwb.evaluate import (
     run_probe,
     spike_train_features,
 )
+from neurpir_nwb.io.annotations import join_annotations, read_annotation_table
 from neurpir_nwb.io.recording import Recording
 from neurpir_nwb.io.units import LabelSpec, read_units
 from neurpir_nwb.io.writer import write_embeddings_nwb
@@ -228,8 +229,12 @@ def resolve_sources(recipe: Recipe, run_dir: Path, progress: Progress) -> list[P
 
 
 def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[Recording]:
-    """Read the Units table of every source file."""
-    labels = {name: LabelSpec(source=spec.from_, field=spec.field) for name, spec in recipe.labels.items()}
+    """Read the Units table of every source file, then join the labels of annotation tables."""
+    labels = {
+        name: LabelSpec(source=spec.from_, field=spec.field)
+        for name, spec in recipe.labels.items()
+        if spec.from_ != "annotations"
+    }
     recordings = []
     with progress.stage("reading NWB files", len(paths)) as advance:
         for index, path in enumerate(paths):
@@ -245,7 +250,43 @@ def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[
             )
             recordings.append(recording)
             advance(index + 1)
+
+    for name, spec in recipe.labels.items():
+        if spec.from_ == "annotations":
+            join_annotation_labels(recipe, name, recordings)
     return recordings
+
+
+def join_annotation_labels(recipe: Recipe, name: str, recordings: list[Recording]) -> dict[str, Any]:
+    """Join one label from an annotation table onto the neurons of all recordings at once.
+
+    Neurons without a matching row stay unlabelled (``""``): they still train, and the
+    probe leaves them out. The join report is logged and returned.
+    """
+    spec = recipe.labels[name]
+    table = read_annotation_table(recipe.base_dir / spec.table)
+    identifiers = np.concatenate([[recording.identifier] * recording.n_neurons for recording in recordings])
+    sources = np.concatenate([[str(recording.path)] * recording.n_neurons for recording in recordings])
+    ids = np.concatenate([recording.unit_ids for recording in recordings])
+    values, raw, report = join_annotations(
+        table,
+        identifiers=identifiers,
+        sources=sources,
+        ids=ids,
+        label_column=spec.column,
+        normalise=spec.normalise,
+        merge=spec.merge,
+        drop=spec.drop,
+    )
+
+    # Split the joined labels back into the recordings, in the order they were concatenated.
+    start = 0
+    for recording in recordings:
+        stop = start + recording.n_neurons
+        recording.labels[name] = np.asarray(values[start:stop], dtype=object)
+        recording.labels[f"{name}_raw"] = np.asarray(raw[start:stop], dtype=object)
+        start = stop
+    return report.to_dict()
 
 
 def segment(recipe: Recipe, recordings: list[Recording], run_dir: Path) -> xr.Dataset:

@@ -66,20 +66,35 @@ class Source(_Strict):
 
 
 class LabelSource(_Strict):
-    """Source of one label of every neuron: a units or electrodes column."""
+    """Source of one label of every neuron: a units or electrodes column, or an annotation table."""
 
     from_: str = Field(
         alias="from",
-        pattern=r"^(units|electrodes)\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$",
+        pattern=r"^((units|electrodes)\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?|annotations)$",
         description=(
-            "'units.<column>', 'electrodes.<column>' (through the units' electrode links), or "
-            "'units.<region column>.<column>' for a units column that links to electrodes."
+            "'units.<column>', 'electrodes.<column>' (through the units' electrode links), "
+            "'units.<region column>.<column>' for a units column that links to electrodes, or "
+            "'annotations' for a CSV/TSV annotation table (with 'table' and 'column')."
         ),
     )
     field: str | None = Field(
         default=None,
         description="Field to take from structured values such as 'brain_region: ALM; cortical_layer: 5'.",
     )
+    table: Path | None = Field(default=None, description="Annotation table (CSV or TSV), relative to the recipe file.")
+    column: str | None = Field(default=None, description="Label column of the annotation table.")
+    normalise: bool = Field(default=True, description="Trim and case-fold annotation labels; the raw values are kept.")
+    merge: dict[str, str] | None = Field(default=None, description="Annotation label to the class it merges into, such as {pvalb: inhibitory}.")
+    drop: list[str] = Field(default_factory=list, description="Annotation classes to leave unlabelled.")
+
+    @model_validator(mode="after")
+    def _check_annotation_fields(self) -> LabelSource:
+        is_table = self.from_ == "annotations"
+        if is_table and (self.table is None or self.column is None):
+            raise ValueError("a label from 'annotations' needs 'table' (a CSV or TSV file) and 'column' (its label column)")
+        if not is_table and (self.table is not None or self.column is not None or self.merge or self.drop):
+            raise ValueError(f"'table', 'column', 'merge' and 'drop' apply to labels from 'annotations', not from {self.from_!r}")
+        return self
 
 
 class UnitsPolicy(_Strict):
@@ -233,6 +248,11 @@ class Recipe(_Strict):
         return [(self.base_dir / source.path).resolve() for source in self.sources if source.path is not None]
 
     @property
+    def annotation_tables(self) -> list[Path]:
+        """Paths of the annotation tables that labels come from, resolved against the recipe's folder."""
+        return [(self.base_dir / spec.table).resolve() for spec in self.labels.values() if spec.table is not None]
+
+    @property
     def simulations(self) -> list[Simulation]:
         """The simulated sources."""
         return [source.simulate for source in self.sources if source.simulate is not None]
@@ -267,7 +287,7 @@ class Recipe(_Strict):
         """Return the sha256 of the parts that decide the segment set: sources, labels, units and segments."""
         data = self.resolved()
         part = {key: data[key] for key in ("sources", "labels", "units", "segments")}
-        part["source_files"] = [_file_signature(path) for path in self.source_paths]
+        part["source_files"] = [_file_signature(path) for path in self.source_paths + self.annotation_tables]
         return _sha256_json(part)
 
 

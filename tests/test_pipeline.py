@@ -98,3 +98,45 @@ def test_unknown_test_subject(tmp_path):
 
     with pytest.raises(RecipeError, match=r"test_subjects \['mouse-7'\] match no subject"):
         run_recipe(recipe)
+
+
+def test_annotation_labels_join_units(tmp_path, shared_data):
+    import h5py
+
+    source = shared_data / "nwb" / "real" / "human_mtl_sub-4_ses-4.nwb"
+    with h5py.File(source, "r") as file:
+        identifier = file["identifier"][()].decode()
+        unit_ids = file["units/id"][:]
+
+    # 20 of 35 units labelled, one unknown unit id and one duplicate row.
+    rows = ["session,unit_id,tag"]
+    rows += [f"{identifier},{unit_id},{' PV ' if index % 2 else 'sst'}" for index, unit_id in enumerate(unit_ids[:20])]
+    rows += [f"{identifier},9999,PV", f"{identifier},{unit_ids[0]},sst"]
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(
+        "name: tags\nsources: [{path: x.nwb}]\n"
+        "labels:\n  tag: {from: annotations, table: tags.csv, column: tag}\n"
+    )
+    recipe = load_recipe(recipe_path, sources=[source])
+
+    from neurpir_nwb.pipeline import join_annotation_labels, read_sources
+    from neurpir_nwb.progress import SilentProgress
+
+    recordings = read_sources(recipe, recipe.source_paths, SilentProgress())
+    report = join_annotation_labels(recipe, "tag", recordings)
+    labels = recordings[0].labels["tag"]
+
+    assert report["matched"] == 20
+    assert len(report["unknown_keys"]) == 1
+    assert len(report["duplicate_keys"]) == 1
+    assert sorted(set(labels.tolist())) == ["", "pv", "sst"]
+    assert int(np.sum(labels != "")) == 20
+    assert recordings[0].labels["tag_raw"][1] == " PV "
+
+
+def test_annotation_label_needs_table(tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("name: t\nsources: [{path: x.nwb}]\nlabels:\n  tag: {from: annotations}\n")
+    with pytest.raises(RecipeError, match=r"needs 'table'"):
+        load_recipe(recipe_path)

@@ -65,7 +65,7 @@ def test_unknown_top_level_key(tmp_path):
 
 def test_unknown_key_inside_label(tmp_path):
     text = "name: r\nsources: [{path: a.nwb}]\nlabels:\n  region: {from: electrodes.location, feild: x}\n"
-    with pytest.raises(RecipeError, match=r"line 4: unknown key 'labels.region.feild'; allowed keys here: field, from"):
+    with pytest.raises(RecipeError, match=r"line 4: unknown key 'labels.region.feild'; allowed keys here: column, drop, field, from, merge, normalise, table; did you mean 'field'"):
         load_recipe(write(tmp_path / "r.yaml", text))
 
 

@@ -191,8 +191,6 @@ def _validate_isi_range(isi_bins: int, isi_range_s: tuple[float, float]) -> tupl
     return low_s, high_s
 
 
-
-
 def binned_activity_pca(
     activity: np.ndarray,
     valid: np.ndarray,
