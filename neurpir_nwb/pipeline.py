@@ -49,7 +49,10 @@ from neurpir_nwb.evaluate import (
     spike_train_features,
 )
 from neurpir_nwb.io.annotations import join_annotations, read_annotation_table
+from neurpir_nwb.io.ophys import read_ophys
 from neurpir_nwb.io.recording import Recording
+from neurpir_nwb.io.timeseries import read_timeseries
+from neurpir_nwb.io.traces import TraceRecording
 from neurpir_nwb.io.units import LabelSpec, read_units
 from neurpir_nwb.io.writer import write_embeddings_nwb
 from neurpir_nwb.model import EncoderConfig, NeurPIREncoder, Projector, VICRegLoss
@@ -59,6 +62,7 @@ from neurpir_nwb.simulate import SimulationSettings, simulate_dataset
 from neurpir_nwb.segments import (
     SegmentSettings,
     build_segment_set,
+    build_trace_segment_set,
     load_segment_set,
     save_segment_set,
 )
@@ -228,26 +232,41 @@ def resolve_sources(recipe: Recipe, run_dir: Path, progress: Progress) -> list[P
     return paths
 
 
-def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[Recording]:
-    """Read the Units table of every source file, then join the labels of annotation tables."""
-    labels = {
+def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[Recording | TraceRecording]:
+    """Read every source file as the recipe says (Units table, ROI traces or plain TimeSeries), then join annotation labels."""
+    unit_labels = {
         name: LabelSpec(source=spec.from_, field=spec.field)
         for name, spec in recipe.labels.items()
-        if spec.from_ != "annotations"
+        if spec.from_.split(".")[0] in ("units", "electrodes")
     }
+    roi_labels = {name: spec.from_.split(".", 1)[1] for name, spec in recipe.labels.items() if spec.from_.startswith("rois.")}
+
+    # Simulated sources come first in `paths` only when listed first, so pair each path with its source's options.
+    options = []
+    for source in recipe.sources:
+        count = source.simulate.animals if source.simulate is not None else 1
+        options.extend([source] * count)
+
     recordings = []
     with progress.stage("reading NWB files", len(paths)) as advance:
-        for index, path in enumerate(paths):
-            recording = read_units(path, labels=labels, sort_spikes=recipe.units.sort_spikes)
-            logger.info(
-                "%s: %d units, %d spikes over %.1f to %.1f s, positions from %s",
-                path.name,
-                recording.n_neurons,
-                int(recording.spike_counts.sum()),
-                recording.t_start_s,
-                recording.t_stop_s,
-                recording.position_source,
-            )
+        for index, (path, source) in enumerate(zip(paths, options)):
+            if source.ophys is not None:
+                recording = read_ophys(path, source=source.ophys.source, series=source.ophys.series, labels=roi_labels or None)
+                logger.info("%s: %d ROIs, %d samples, positions from %s", path.name, recording.n_neurons, recording.n_samples, recording.position_source)
+            elif source.timeseries is not None:
+                recording = read_timeseries(path, source.timeseries.pattern)
+                logger.info("%s: %d TimeSeries as neurons, %d samples", path.name, recording.n_neurons, recording.n_samples)
+            else:
+                recording = read_units(path, labels=unit_labels, sort_spikes=recipe.units.sort_spikes)
+                logger.info(
+                    "%s: %d units, %d spikes over %.1f to %.1f s, positions from %s",
+                    path.name,
+                    recording.n_neurons,
+                    int(recording.spike_counts.sum()),
+                    recording.t_start_s,
+                    recording.t_stop_s,
+                    recording.position_source,
+                )
             recordings.append(recording)
             advance(index + 1)
 
@@ -267,12 +286,16 @@ def join_annotation_labels(recipe: Recipe, name: str, recordings: list[Recording
     table = read_annotation_table(recipe.base_dir / spec.table)
     identifiers = np.concatenate([[recording.identifier] * recording.n_neurons for recording in recordings])
     sources = np.concatenate([[str(recording.path)] * recording.n_neurons for recording in recordings])
-    ids = np.concatenate([recording.unit_ids for recording in recordings])
+    ids = np.concatenate([_neuron_ids_in_table(recording) for recording in recordings])
+    planes = None
+    if any(isinstance(recording, TraceRecording) for recording in recordings):
+        planes = np.concatenate([_plane_names(recording) for recording in recordings])
     values, raw, report = join_annotations(
         table,
         identifiers=identifiers,
         sources=sources,
         ids=ids,
+        planes=planes,
         label_column=spec.column,
         normalise=spec.normalise,
         merge=spec.merge,
@@ -289,7 +312,19 @@ def join_annotation_labels(recipe: Recipe, name: str, recordings: list[Recording
     return report.to_dict()
 
 
-def segment(recipe: Recipe, recordings: list[Recording], run_dir: Path) -> xr.Dataset:
+def _neuron_ids_in_table(recording: Recording | TraceRecording) -> np.ndarray:
+    """Return the unit ids of a Units recording or the ROI ids of a trace recording."""
+    return recording.roi_ids if isinstance(recording, TraceRecording) else recording.unit_ids
+
+
+def _plane_names(recording: Recording | TraceRecording) -> np.ndarray:
+    """Return each neuron's PlaneSegmentation name, or ``""`` where there is none."""
+    if not isinstance(recording, TraceRecording):
+        return np.full(recording.n_neurons, "", dtype=object)
+    return np.array([str(table).rsplit("/", 1)[-1] for table in recording.plane_tables], dtype=object)
+
+
+def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_dir: Path) -> xr.Dataset:
     """Build the segment set, or reuse the run directory's one when the data part of the recipe is unchanged."""
     path = run_dir / "segments.nc"
     data_sha256 = recipe.data_sha256()
@@ -300,8 +335,11 @@ def segment(recipe: Recipe, recordings: list[Recording], run_dir: Path) -> xr.Da
             return cached
         logger.info("rebuilding the segment set %s: sources or segment settings changed", path)
 
-    settings = SegmentSettings(**recipe.segments.model_dump())
-    segment_set = build_segment_set(recordings, settings)
+    settings = SegmentSettings(**recipe.segments.model_dump(exclude={"normalise"}))
+    if recipe.modality == "ophys":
+        segment_set = build_trace_segment_set(recordings, settings, normalise=recipe.segments.normalise)
+    else:
+        segment_set = build_segment_set(recordings, settings)
     segment_set.attrs["data_sha256"] = data_sha256
     save_segment_set(segment_set, path)
     return segment_set
@@ -454,26 +492,34 @@ def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording]
         logger.warning("probe on label %r skipped: %s", label, error)
         return Evaluation(label=label, metrics={"probe": None, "probe_skipped": str(error)})
 
-    spikes = [train for recording in recordings for train in recording.spike_times]
-    starts = np.concatenate([[recording.t_start_s] * recording.n_neurons for recording in recordings])
-    stops = np.concatenate([[recording.t_stop_s] * recording.n_neurons for recording in recordings])
-    baseline_features = spike_train_features(spikes, starts, stops)
-    baseline_probe = run_probe(baseline_features, labels, seed=seed, groups=groups, settings=settings)
+    baseline_probe = None
+    if all(isinstance(recording, Recording) for recording in recordings):
+        spikes = [train for recording in recordings for train in recording.spike_times]
+        starts = np.concatenate([[recording.t_start_s] * recording.n_neurons for recording in recordings])
+        stops = np.concatenate([[recording.t_stop_s] * recording.n_neurons for recording in recordings])
+        baseline_features = spike_train_features(spikes, starts, stops)
+        baseline_probe = run_probe(baseline_features, labels, seed=seed, groups=groups, settings=settings)
 
     pca_features = binned_activity_pca_features(data.activity, data.valid, data.trainable_neurons(), seed=seed)
     pca_probe = run_probe(pca_features, labels, seed=seed, groups=groups, settings=settings)
 
     plot_confusion(embedding_probe, figures / "confusion_embedding.png", title=f"{label}: probe on embeddings")
-    plot_confusion(baseline_probe, figures / "confusion_baseline.png", title=f"{label}: probe on firing-rate and ISI features")
     logger.info(
-        "probe on %r: macro-F1 %.3f, balanced accuracy %.3f (chance %.3f); baseline macro-F1 %.3f, balanced accuracy %.3f",
+        "probe on %r: macro-F1 %.3f, balanced accuracy %.3f (chance %.3f); PCA baseline macro-F1 %.3f",
         label,
         embedding_probe.macro_f1,
         embedding_probe.balanced_accuracy,
         embedding_probe.chance_balanced_accuracy,
-        baseline_probe.macro_f1,
-        baseline_probe.balanced_accuracy,
+        pca_probe.macro_f1,
     )
+    if baseline_probe is not None:
+        plot_confusion(baseline_probe, figures / "confusion_baseline.png", title=f"{label}: probe on firing-rate and ISI features")
+        logger.info(
+            "spike-train baseline on %r: macro-F1 %.3f, balanced accuracy %.3f",
+            label,
+            baseline_probe.macro_f1,
+            baseline_probe.balanced_accuracy,
+        )
 
     probe = probe_to_dict(fit_probe(vectors, labels, seed=seed, settings=settings))
     metrics = {
@@ -485,7 +531,11 @@ def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording]
             "test_subjects": list(recipe.evaluate.test_subjects),
         },
         "embedding": embedding_probe.to_dict(),
-        "baseline": {"features": "firing rate, CV of inter-spike intervals, log-ISI histogram", **baseline_probe.to_dict()},
+        "baseline": (
+            {"features": "firing rate, CV of inter-spike intervals, log-ISI histogram", **baseline_probe.to_dict()}
+            if baseline_probe is not None
+            else None
+        ),
         "baseline_pca": {"features": "mean and SD of the 16 principal components of binned windows", **pca_probe.to_dict()},
     }
     return Evaluation(label=label, embedding_probe=embedding_probe, baseline_probe=baseline_probe, metrics=metrics, probe=probe)
@@ -570,9 +620,22 @@ def write_outputs(recipe: Recipe, embeddings: xr.Dataset, evaluation: Evaluation
             if output_path.resolve() == Path(source).resolve():
                 raise DataError(f"output {output_path} would overwrite its source file; choose another run directory with --output")
 
+            tables = sorted(set(embeddings["table"].values[selected].astype(str)))
+            if tables == ["acquisition"]:
+                # NOTE: neurons read from plain TimeSeries have no table row to link to, so no NWB output is written yet.
+                logger.warning("%s: neurons from plain TimeSeries have no table to link; their embeddings are in embeddings.nc only", source)
+                advance(index + 1)
+                continue
+            if len(tables) > 1:
+                raise DataError(
+                    f"{source}: neurons come from {len(tables)} PlaneSegmentations ({', '.join(tables)}); "
+                    "writing one output table per plane is not supported yet, so select one plane with ophys.series"
+                )
+
             write_embeddings_nwb(
                 source,
                 output_path,
+                table=tables[0],
                 rows=embeddings["table_row"].values[selected],
                 embeddings=embeddings["embedding"].values[selected],
                 predicted_labels=embeddings["predicted_label"].values[selected].astype(str) if has_probe else None,

@@ -52,17 +52,46 @@ class Simulation(_Strict):
     )
 
 
+class OphysOptions(_Strict):
+    """Which ROI traces of an optical physiology file to read."""
+
+    source: Literal["auto", "DfOverF", "Fluorescence"] = Field(
+        default="auto", description="Container of the RoiResponseSeries; 'auto' takes DfOverF when present, else Fluorescence."
+    )
+    series: list[str] | None = Field(default=None, description="Names of the RoiResponseSeries to read; by default all of the container.")
+
+
+class TimeSeriesOptions(_Strict):
+    """Plain TimeSeries in `acquisition` read as one neuron each."""
+
+    pattern: str = Field(description="Glob over the names of the TimeSeries in acquisition, such as 'Activity_*'.")
+
+
 class Source(_Strict):
-    """One NWB file to load, or a set of simulated animals."""
+    """One NWB file to load, or a set of simulated animals.
+
+    A file is read as a Units table unless ``ophys`` or ``timeseries`` says otherwise.
+    """
 
     path: Path | None = Field(default=None, description="NWB file, relative to the recipe file or absolute.")
     simulate: Simulation | None = Field(default=None, description="Simulated animals, written to <run directory>/simulated.")
+    ophys: OphysOptions | None = Field(default=None, description="Read the file's ROI traces instead of its Units table.")
+    timeseries: TimeSeriesOptions | None = Field(default=None, description="Read plain TimeSeries as neurons instead of the Units table.")
 
     @model_validator(mode="after")
     def _check_kind(self) -> Source:
         if (self.path is None) == (self.simulate is None):
             raise ValueError("a source needs exactly one of 'path' (an NWB file) or 'simulate' (simulated animals)")
+        if self.ophys is not None and self.timeseries is not None:
+            raise ValueError("a source is read either as 'ophys' ROI traces or as 'timeseries', not both")
+        if self.simulate is not None and (self.ophys is not None or self.timeseries is not None):
+            raise ValueError("simulated animals have Units tables only; remove 'ophys' or 'timeseries' from that source")
         return self
+
+    @property
+    def modality(self) -> str:
+        """``"ecephys"`` for Units tables, ``"ophys"`` for ROI traces and plain TimeSeries."""
+        return "ophys" if self.ophys is not None or self.timeseries is not None else "ecephys"
 
 
 class LabelSource(_Strict):
@@ -70,9 +99,10 @@ class LabelSource(_Strict):
 
     from_: str = Field(
         alias="from",
-        pattern=r"^((units|electrodes)\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?|annotations)$",
+        pattern=r"^((units|electrodes)\.[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?|rois\.[A-Za-z_][A-Za-z0-9_]*|annotations)$",
         description=(
             "'units.<column>', 'electrodes.<column>' (through the units' electrode links), "
+            "'rois.<column>' for a PlaneSegmentation column, "
             "'units.<region column>.<column>' for a units column that links to electrodes, or "
             "'annotations' for a CSV/TSV annotation table (with 'table' and 'column')."
         ),
@@ -114,6 +144,10 @@ class Segments(_Strict):
     patches: int = Field(default=32, ge=1, description="Patches per window.")
     neighbours: int = Field(default=8, ge=0, description="Nearest neighbours the encoder sees with each neuron.")
     distance_bins: int = Field(default=32, ge=2, description="Distance bins of the neighbours; bin 0 is the neuron itself.")
+    normalise: Literal["zscore", "robust"] = Field(
+        default="zscore",
+        description="Per-neuron normalisation of traces (ophys): z-score, or median and scaled MAD. Spike counts are not normalised.",
+    )
 
     @property
     def window_s(self) -> float:
@@ -236,6 +270,20 @@ class Recipe(_Strict):
         return labels
 
     @model_validator(mode="after")
+    def _check_modalities(self) -> Recipe:
+        modalities = {source.modality for source in self.sources}
+        if len(modalities) > 1:
+            raise ValueError(
+                "sources mix ecephys Units tables and ophys traces; train them with separate recipes, one per modality"
+            )
+        return self
+
+    @property
+    def modality(self) -> str:
+        """Modality of the sources: ``"ecephys"`` or ``"ophys"``."""
+        return self.sources[0].modality
+
+    @model_validator(mode="after")
     def _check_probe_label(self) -> Recipe:
         if self.evaluate.label is not None and self.evaluate.label not in self.labels:
             allowed = ", ".join(self.labels) or "none defined"
@@ -327,7 +375,10 @@ def load_recipe(
         raise RecipeError(f"recipe {path} must be a mapping of keys such as 'name' and 'sources', not {type(data).__name__}")
 
     if sources:
-        data["sources"] = [{"path": str(Path(source).resolve())} for source in sources]
+        # Paths from the command line are read like the recipe's first file source (Units, ophys or timeseries).
+        template = next((dict(item) for item in data.get("sources") or [] if isinstance(item, dict) and "path" in item), {})
+        options = {key: value for key, value in template.items() if key in ("ophys", "timeseries")}
+        data["sources"] = [{"path": str(Path(source).resolve()), **options} for source in sources]
     if output is not None:
         data.setdefault("output", {})
         if not isinstance(data["output"], dict):

@@ -35,11 +35,13 @@ import xarray as xr
 
 from neurpir_nwb.errors import DataError, SourceError
 from neurpir_nwb.io.recording import Recording
+from neurpir_nwb.io.traces import TraceRecording
 
 __all__ = [
     "SegmentSettings",
     "bin_spike_trains",
     "build_segment_set",
+    "build_trace_segment_set",
     "save_segment_set",
     "load_segment_set",
     "neighbour_indices",
@@ -192,9 +194,12 @@ def build_segment_set(
         raise SourceError("no recordings to segment; give at least one source file in the recipe")
 
     parts = [_segment_recording(recording, settings) for recording in recordings]
-    n_windows = max(part["activity"].shape[1] for part in parts)
+    return _stack_parts(recordings, parts, settings, edges, coords=_neuron_coords(recordings))
 
-    # Pad every recording to the longest one, then stack along `neuron`.
+
+def _stack_parts(recordings, parts: list[dict], settings: SegmentSettings, edges: np.ndarray | None, *, coords: dict) -> xr.Dataset:
+    """Pad every recording's windows to the longest one, stack them along `neuron` and bin the neighbour distances."""
+    n_windows = max(part["activity"].shape[1] for part in parts)
     activity = np.concatenate([_pad(part["activity"], n_windows, np.nan) for part in parts])
     valid = np.concatenate([_pad(part["valid"], n_windows, False) for part in parts])
     window_start = np.concatenate([_pad(part["window_start_s"], n_windows, np.nan) for part in parts])
@@ -218,7 +223,6 @@ def build_segment_set(
             )
     distance_bin = assign_distance_bins(distance, np.asarray(edges, dtype=np.float64), settings.distance_bins)
 
-    coords = _neuron_coords(recordings)
     dataset = xr.Dataset(
         data_vars={
             "activity": (("neuron", "window", "patch", "bin"), activity, {"units": "spikes/bin"}),
@@ -364,3 +368,149 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def resample_traces(traces: np.ndarray, timestamps_s: np.ndarray, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resample traces onto a regular grid by linear interpolation, for all neurons at once.
+
+    Grid points inside a gap longer than twice the median sampling interval become NaN,
+    so no window is built from invented samples. NaN samples stay NaN.
+
+    Returns
+    -------
+    (values, grid_s)
+        (n_neurons, n_grid) float32 values and the (n_grid,) grid times in seconds.
+    """
+    if timestamps_s.size < 2:
+        raise DataError(f"traces with {timestamps_s.size} sample(s) cannot be resampled; at least 2 are needed")
+
+    step_s = 1.0 / rate_hz
+    n_grid = int(np.floor((timestamps_s[-1] - timestamps_s[0]) / step_s + 1e-9)) + 1
+    grid_s = timestamps_s[0] + step_s * np.arange(n_grid)
+
+    # One set of interpolation indices and weights serves every neuron, since they share timestamps.
+    right = np.clip(np.searchsorted(timestamps_s, grid_s, side="right"), 1, timestamps_s.size - 1)
+    left = right - 1
+    span = timestamps_s[right] - timestamps_s[left]
+    weight = np.clip((grid_s - timestamps_s[left]) / np.where(span > 0, span, 1.0), 0.0, 1.0)
+
+    # A grid point on a sample takes that sample alone, so a NaN next to it does not spread.
+    on_left = weight < 1e-6
+    on_right = weight > 1.0 - 1e-6
+    with np.errstate(invalid="ignore"):
+        mixed = traces[:, left] * (1.0 - weight) + traces[:, right] * weight
+    values = np.where(on_left, traces[:, left], np.where(on_right, traces[:, right], mixed))
+
+    gap_s = 2.0 * np.median(np.diff(timestamps_s))
+    values[:, (span > gap_s) & ~on_left & ~on_right] = np.nan
+    return values.astype(np.float32), grid_s
+
+
+def normalise_traces(values: np.ndarray, method: str) -> np.ndarray:
+    """Normalise each neuron's trace: ``"zscore"`` (mean and SD) or ``"robust"`` (median and scaled MAD)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if method == "zscore":
+            centre = np.nanmean(values, axis=1, keepdims=True)
+            scale = np.nanstd(values, axis=1, keepdims=True)
+        elif method == "robust":
+            centre = np.nanmedian(values, axis=1, keepdims=True)
+            scale = 1.4826 * np.nanmedian(np.abs(values - centre), axis=1, keepdims=True)
+        else:
+            raise ValueError(f"unknown normalisation {method!r}; use 'zscore' or 'robust'")
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    return ((values - centre) / scale).astype(np.float32)
+
+
+def build_trace_segment_set(
+    recordings: Sequence[TraceRecording],
+    settings: SegmentSettings,
+    *,
+    normalise: str = "zscore",
+    edges: np.ndarray | None = None,
+) -> xr.Dataset:
+    """Resample and normalise calcium or other continuous traces, then cut them into windows.
+
+    The grid rate is ``1 / settings.bin_size_s``. A window that contains a NaN sample
+    (a NaN in the file, or a gap in its timestamps) is marked invalid, so it is never
+    trained on nor embedded; the counts per recording are logged.
+    """
+    if not recordings:
+        raise SourceError("no recordings to segment; give at least one source file in the recipe")
+
+    rate_hz = 1.0 / settings.bin_size_s
+    parts = []
+    for recording in recordings:
+        values, grid_s = resample_traces(recording.traces, recording.timestamps_s, rate_hz)
+        values = normalise_traces(values, normalise)
+        n_windows = values.shape[1] // settings.window_bins
+        if n_windows < 2:
+            raise DataError(
+                f"{recording.path}: the traces span {grid_s[-1] - grid_s[0]:.3f} s, shorter than two windows of "
+                f"{settings.window_s:.3f} s; lower segments.bin_size_s, bins_per_patch or patches in the recipe"
+            )
+
+        activity = values[:, : n_windows * settings.window_bins].reshape(
+            recording.n_neurons, n_windows, settings.patches, settings.bins_per_patch
+        )
+        valid = np.isfinite(activity).all(axis=(2, 3))
+        if not valid.all():
+            logger.warning(
+                "%s: %d of %d windows contain NaN samples or gaps and are left out (neurons affected: %d)",
+                recording.path.name,
+                int((~valid).sum()),
+                valid.size,
+                int((~valid).any(axis=1).sum()),
+            )
+        window_start = grid_s[0] + settings.window_s * np.arange(n_windows)
+        neighbour, distance = neighbour_indices(recording.positions, settings.neighbours)
+        parts.append(
+            {
+                "activity": activity,
+                "valid": valid,
+                "window_start_s": np.broadcast_to(window_start, valid.shape).copy(),
+                "neighbour": neighbour,
+                "distance": distance,
+                "t_start_s": float(grid_s[0]),
+                "t_stop_s": float(grid_s[-1]),
+            }
+        )
+
+    dataset = _stack_parts(recordings, parts, settings, edges, coords=_trace_coords(recordings, parts))
+    dataset["activity"].attrs["units"] = f"{normalise}-normalised trace"
+    dataset.attrs.update({"modality": "ophys", "activity_transform": "none", "normalise": normalise, "rate_hz": rate_hz})
+    return dataset
+
+
+def _trace_coords(recordings: Sequence[TraceRecording], parts: list[dict]) -> dict[str, tuple]:
+    """Collect the per-neuron coordinates of trace recordings."""
+
+    def strings(values_of) -> np.ndarray:
+        return np.array([str(value) for recording in recordings for value in values_of(recording)], dtype=object)
+
+    def numbers(values_of, dtype) -> np.ndarray:
+        return np.concatenate([np.asarray(values_of(recording, part), dtype=dtype) for recording, part in zip(recordings, parts)])
+
+    coords = {
+        "neuron_id": ("neuron", strings(lambda r: r.neuron_ids)),
+        "unit_id": ("neuron", numbers(lambda r, p: r.roi_ids, np.int64)),
+        "table_row": ("neuron", numbers(lambda r, p: r.rows, np.int64)),
+        "table": ("neuron", strings(lambda r: r.plane_tables)),
+        "series": ("neuron", strings(lambda r: r.series_names)),
+        "source": ("neuron", strings(lambda r: [str(r.path)] * r.n_neurons)),
+        "identifier": ("neuron", strings(lambda r: [r.identifier] * r.n_neurons)),
+        "session": ("neuron", strings(lambda r: [r.session] * r.n_neurons)),
+        "subject": ("neuron", strings(lambda r: [r.subject] * r.n_neurons)),
+        "x": ("neuron", numbers(lambda r, p: r.positions[:, 0], np.float64)),
+        "y": ("neuron", numbers(lambda r, p: r.positions[:, 1], np.float64)),
+        "z": ("neuron", numbers(lambda r, p: r.positions[:, 2], np.float64)),
+        "position_source": ("neuron", strings(lambda r: [r.position_source] * r.n_neurons)),
+        "empty": ("neuron", numbers(lambda r, p: ~p["valid"].any(axis=1), bool)),
+        "t_start_s": ("neuron", numbers(lambda r, p: [p["t_start_s"]] * r.n_neurons, np.float64)),
+        "t_stop_s": ("neuron", numbers(lambda r, p: [p["t_stop_s"]] * r.n_neurons, np.float64)),
+    }
+    for name in sorted({name for recording in recordings for name in recording.labels}):
+        coords[f"label_{name}"] = (
+            "neuron",
+            strings(lambda r, name=name: r.labels.get(name, np.full(r.n_neurons, "", dtype=object))),
+        )
+    return coords

@@ -140,3 +140,76 @@ def test_annotation_label_needs_table(tmp_path):
     recipe_path.write_text("name: t\nsources: [{path: x.nwb}]\nlabels:\n  tag: {from: annotations}\n")
     with pytest.raises(RecipeError, match=r"needs 'table'"):
         load_recipe(recipe_path)
+
+
+OPHYS_TINY = """\
+name: ophys-tiny
+sources:
+  - path: x.nwb
+    ophys: {source: auto}
+labels:
+  accepted: {from: rois.Accepted}
+segments: {bin_size_s: 0.1, bins_per_patch: 5, patches: 5, neighbours: 3, distance_bins: 4}
+model: {dim: 16, heads: 2, temporal_layers: 1, spatiotemporal_layers: 1, projector: [32, 32]}
+train: {epochs: 1, steps_per_epoch: 5, batch_size: 8, lr: 1.0e-3, device: cpu}
+evaluate: {folds: 3}
+"""
+
+
+def test_ophys_recipe_links_plane_segmentation_rows(tmp_path, shared_data):
+    import subprocess
+    import sys
+    import textwrap
+
+    source = shared_data / "nwb" / "real" / "ophys_suite2p_15rois.nwb"
+    recipe_path = tmp_path / "ophys.yaml"
+    recipe_path.write_text(OPHYS_TINY)
+    recipe = load_recipe(recipe_path, sources=[source], output=tmp_path / "run")
+
+    summary = run_recipe(recipe)
+
+    assert summary.metrics["n_neurons"] == 15
+    assert summary.metrics["baseline"] is None
+    assert summary.metrics["baseline_pca"]["n_labelled"] == 15
+    check = textwrap.dedent(
+        f"""
+        import sys
+        from pynwb import NWBHDF5IO
+        from pynwb.ophys import PlaneSegmentation
+        with NWBHDF5IO({str(summary.outputs[0])!r}, "r") as io:
+            table = io.read().processing["neurpir"]["embeddings"]
+            assert len(table) == 15
+            assert isinstance(table["unit"].table, PlaneSegmentation)
+            assert table["unit"].data[:].tolist() == list(range(15))
+        assert "neurpir_nwb" not in sys.modules
+        print("ok")
+        """
+    )
+    read = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert read.stdout.strip() == "ok", read.stderr
+
+
+def test_timeseries_recipe_embeds_every_series(tmp_path, shared_data):
+    source = shared_data / "nwb" / "real" / "celegans_wholebrain_timeseries.nwb"
+    recipe_path = tmp_path / "worm.yaml"
+    recipe_path.write_text(
+        "name: worm\nsources:\n  - path: x.nwb\n    timeseries: {pattern: 'Activity_*'}\n"
+        "segments: {bin_size_s: 0.2, bins_per_patch: 5, patches: 6, neighbours: 3, distance_bins: 4}\n"
+        "model: {dim: 16, heads: 2, temporal_layers: 1, spatiotemporal_layers: 1, projector: [32, 32]}\n"
+        "train: {epochs: 1, steps_per_epoch: 5, batch_size: 16, device: cpu}\n"
+    )
+    recipe = load_recipe(recipe_path, sources=[source], output=tmp_path / "run")
+
+    summary = run_recipe(recipe)
+    embeddings = xr.open_dataset(summary.run_dir / "embeddings.nc", engine="h5netcdf")
+
+    assert embeddings.sizes["neuron"] == 62
+    assert np.isfinite(embeddings["embedding"].values).all()
+    assert summary.outputs == []
+
+
+def test_mixed_modalities_rejected(tmp_path):
+    recipe_path = tmp_path / "mixed.yaml"
+    recipe_path.write_text("name: m\nsources:\n  - path: a.nwb\n  - path: b.nwb\n    ophys: {source: auto}\n")
+    with pytest.raises(RecipeError, match=r"sources mix ecephys Units tables and ophys traces"):
+        load_recipe(recipe_path)

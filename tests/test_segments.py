@@ -130,3 +130,47 @@ def test_round_trip_unchanged(tmp_path, suffix):
 
     xr.testing.assert_identical(loaded, dataset)
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_resample_marks_gaps():
+    from neurpir_nwb.segments import resample_traces
+
+    timestamps = np.array([0.0, 0.1, 0.2, 0.3, 5.0, 5.1, 5.2])
+    traces = np.arange(7, dtype=np.float32)[None, :] * 2.0
+    values, grid = resample_traces(traces, timestamps, 10.0)
+
+    assert grid[:4] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert values[0, :4] == pytest.approx([0.0, 2.0, 4.0, 6.0])
+    assert np.isnan(values[0, 10])  # inside the 4.7 s gap
+    assert values[0, -1] == pytest.approx(12.0)
+
+
+def test_normalise_zscore_and_robust():
+    from neurpir_nwb.segments import normalise_traces
+
+    values = np.array([[1.0, 2.0, 3.0, np.nan], [5.0, 5.0, 5.0, 5.0]], dtype=np.float32)
+    zscored = normalise_traces(values, "zscore")
+    robust = normalise_traces(values, "robust")
+
+    assert np.nanmean(zscored[0]) == pytest.approx(0.0, abs=1e-6)
+    assert np.nanstd(zscored[0]) == pytest.approx(1.0, abs=1e-6)
+    assert zscored[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # a flat trace stays finite
+    assert robust[0, 1] == pytest.approx(0.0)
+
+
+def test_trace_windows_with_nan_are_invalid(shared_data):
+    from neurpir_nwb.io.ophys import read_ophys
+    from neurpir_nwb.segments import build_trace_segment_set
+    from neurpir_nwb.train import WindowData
+
+    recording = read_ophys(shared_data / "bugcases" / "B14_fluorescence_nan_inf.nwb")
+    settings = SegmentSettings(bin_size_s=1 / recording.rate_hz, bins_per_patch=5, patches=2, neighbours=1, distance_bins=2)
+    dataset = build_trace_segment_set([recording], settings)
+
+    # 100 frames in windows of 10: ROI 2 (NaN in frames 10 to 19) loses window 1, ROI 3 (inf at frame 50) loses window 5.
+    roi_ids = dataset["unit_id"].values.tolist()
+    assert roi_ids == [0, 2, 3]
+    assert (~dataset["valid"].values).sum(axis=1).tolist() == [0, 1, 1]
+    assert not dataset["valid"].values[1, 1]
+    assert not dataset["valid"].values[2, 5]
+    assert np.isfinite(WindowData(dataset).activity).all()

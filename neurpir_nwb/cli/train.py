@@ -91,10 +91,12 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     )
     if metrics.get("probe"):
         label = metrics["probe"]["label"]
-        embedding, baseline = metrics["embedding"], metrics["baseline"]
+        embedding = metrics["embedding"]
+        baseline = metrics["baseline"] or metrics["baseline_pca"]
+        baseline_name = "spike-train baseline" if metrics["baseline"] else "PCA baseline"
         typer.echo(
             f"probe on {label}: macro-F1 {embedding['macro_f1']:.3f}, balanced accuracy {embedding['balanced_accuracy']:.3f} "
-            f"(chance {embedding['chance_balanced_accuracy']:.3f}); baseline macro-F1 {baseline['macro_f1']:.3f}, "
+            f"(chance {embedding['chance_balanced_accuracy']:.3f}); {baseline_name} macro-F1 {baseline['macro_f1']:.3f}, "
             f"balanced accuracy {baseline['balanced_accuracy']:.3f}"
         )
     retrieval = metrics.get("retrieval")
