@@ -155,6 +155,7 @@ def run_recipe(
 
     clock = time.perf_counter()
     recordings = read_sources(recipe, source_paths, progress)
+    annotation_reports = join_all_annotations(recipe, recordings)
     timings["read_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -202,6 +203,7 @@ def run_recipe(
             "final_loss": float(np.mean(train_result.history["loss"][-recipe.train.steps_per_epoch :])),
         },
         **evaluation.metrics,
+        "annotations": annotation_reports,
         "timings_s": timings,
         "machine": machine_description(),
     }
@@ -233,7 +235,7 @@ def resolve_sources(recipe: Recipe, run_dir: Path, progress: Progress) -> list[P
 
 
 def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[Recording | TraceRecording]:
-    """Read every source file as the recipe says (Units table, ROI traces or plain TimeSeries), then join annotation labels."""
+    """Read every source file as its recipe entry specifies: its Units table, its ROI traces or plain TimeSeries."""
     unit_labels = {
         name: LabelSpec(source=spec.from_, field=spec.field)
         for name, spec in recipe.labels.items()
@@ -270,10 +272,16 @@ def read_sources(recipe: Recipe, paths: list[Path], progress: Progress) -> list[
             recordings.append(recording)
             advance(index + 1)
 
-    for name, spec in recipe.labels.items():
-        if spec.from_ == "annotations":
-            join_annotation_labels(recipe, name, recordings)
     return recordings
+
+
+def join_all_annotations(recipe: Recipe, recordings: list[Recording | TraceRecording]) -> dict[str, dict[str, Any]]:
+    """Join every label that comes from an annotation table, and return the join report of each."""
+    return {
+        name: join_annotation_labels(recipe, name, recordings)
+        for name, spec in recipe.labels.items()
+        if spec.from_ == "annotations"
+    }
 
 
 def join_annotation_labels(recipe: Recipe, name: str, recordings: list[Recording]) -> dict[str, Any]:
@@ -438,7 +446,7 @@ def compute_embeddings(
 
 
 def score_retrieval(recipe: Recipe, window_embeddings: np.ndarray, data: WindowData) -> dict[str, Any] | None:
-    """Score same-neuron retrieval of the held-out windows, when the recipe holds windows out."""
+    """Score same-neuron retrieval of the held-out windows, when the recipe keeps windows out of training."""
     if recipe.train.holdout_fraction == 0 or not data.heldout.any():
         return None
     return retrieval_top1(window_embeddings, data.valid & ~data.heldout, data.heldout)

@@ -53,7 +53,7 @@ class Simulation(_Strict):
 
 
 class OphysOptions(_Strict):
-    """Which ROI traces of an optical physiology file to read."""
+    """Selection of the ROI traces to read from an optical physiology file."""
 
     source: Literal["auto", "DfOverF", "Fluorescence"] = Field(
         default="auto", description="Container of the RoiResponseSeries; 'auto' takes DfOverF when present, else Fluorescence."
@@ -70,7 +70,7 @@ class TimeSeriesOptions(_Strict):
 class Source(_Strict):
     """One NWB file to load, or a set of simulated animals.
 
-    A file is read as a Units table unless ``ophys`` or ``timeseries`` says otherwise.
+    A file is read as a Units table unless ``ophys`` or ``timeseries`` is given.
     """
 
     path: Path | None = Field(default=None, description="NWB file, relative to the recipe file or absolute.")

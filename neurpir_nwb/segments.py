@@ -431,8 +431,8 @@ def build_trace_segment_set(
     """Resample and normalise calcium or other continuous traces, then cut them into windows.
 
     The grid rate is ``1 / settings.bin_size_s``. A window that contains a NaN sample
-    (a NaN in the file, or a gap in its timestamps) is marked invalid, so it is never
-    trained on nor embedded; the counts per recording are logged.
+    (a NaN in the file, or a gap in its timestamps) is marked invalid. Invalid windows
+    are never trained on nor embedded, and their counts are logged per recording.
     """
     if not recordings:
         raise SourceError("no recordings to segment; give at least one source file in the recipe")

@@ -120,11 +120,11 @@ def test_annotation_labels_join_units(tmp_path, shared_data):
     )
     recipe = load_recipe(recipe_path, sources=[source])
 
-    from neurpir_nwb.pipeline import join_annotation_labels, read_sources
+    from neurpir_nwb.pipeline import join_all_annotations, read_sources
     from neurpir_nwb.progress import SilentProgress
 
     recordings = read_sources(recipe, recipe.source_paths, SilentProgress())
-    report = join_annotation_labels(recipe, "tag", recordings)
+    report = join_all_annotations(recipe, recordings)["tag"]
     labels = recordings[0].labels["tag"]
 
     assert report["matched"] == 20
@@ -213,3 +213,32 @@ def test_mixed_modalities_rejected(tmp_path):
     recipe_path.write_text("name: m\nsources:\n  - path: a.nwb\n  - path: b.nwb\n    ophys: {source: auto}\n")
     with pytest.raises(RecipeError, match=r"sources mix ecephys Units tables and ophys traces"):
         load_recipe(recipe_path)
+
+
+def test_annotated_rois_drive_the_probe(tmp_path, shared_data):
+    import h5py
+
+    source = shared_data / "nwb" / "real" / "ophys_suite2p_15rois.nwb"
+    with h5py.File(source, "r") as file:
+        identifier = file["identifier"][()].decode()
+
+    # ROIs 0 to 9 labelled, plus ROI 99 that does not exist and a second row for ROI 3.
+    rows = ["session,roi_id,subclass"]
+    rows += [f"{identifier},{roi},{'Pvalb' if roi % 2 else 'L2/3 IT'}" for roi in range(10)]
+    rows += [f"{identifier},99,Sst", f"{identifier},3,Pvalb"]
+    (tmp_path / "subclass.csv").write_text("\n".join(rows) + "\n")
+    recipe_path = tmp_path / "ophys.yaml"
+    recipe_path.write_text(
+        OPHYS_TINY.replace("  accepted: {from: rois.Accepted}", "  subclass: {from: annotations, table: subclass.csv, column: subclass}")
+    )
+    recipe = load_recipe(recipe_path, sources=[source], output=tmp_path / "run")
+
+    summary = run_recipe(recipe)
+    report = summary.metrics["annotations"]["subclass"]
+
+    assert report["matched"] == 10
+    assert report["unmatched_neurons"] == 5
+    assert len(report["unknown_keys"]) == 1
+    assert len(report["duplicate_keys"]) == 1
+    assert summary.metrics["embedding"]["n_labelled"] == 10
+    assert sum(map(sum, summary.metrics["embedding"]["confusion"])) == 10
