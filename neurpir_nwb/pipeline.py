@@ -629,11 +629,9 @@ def write_outputs(recipe: Recipe, embeddings: xr.Dataset, evaluation: Evaluation
                 raise DataError(f"output {output_path} would overwrite its source file; choose another run directory with --output")
 
             tables = sorted(set(embeddings["table"].values[selected].astype(str)))
+            series_names = None
             if tables == ["acquisition"]:
-                # NOTE: neurons read from plain TimeSeries have no table row to link to, so no NWB output is written yet.
-                logger.warning("%s: neurons from plain TimeSeries have no table to link; their embeddings are in embeddings.nc only", source)
-                advance(index + 1)
-                continue
+                series_names = embeddings["series"].values[selected].astype(str).tolist()
             if len(tables) > 1:
                 raise DataError(
                     f"{source}: neurons come from {len(tables)} PlaneSegmentations ({', '.join(tables)}); "
@@ -644,6 +642,7 @@ def write_outputs(recipe: Recipe, embeddings: xr.Dataset, evaluation: Evaluation
                 source,
                 output_path,
                 table=tables[0],
+                series_names=series_names,
                 rows=embeddings["table_row"].values[selected],
                 embeddings=embeddings["embedding"].values[selected],
                 predicted_labels=embeddings["predicted_label"].values[selected].astype(str) if has_probe else None,

@@ -205,7 +205,13 @@ def test_timeseries_recipe_embeds_every_series(tmp_path, shared_data):
 
     assert embeddings.sizes["neuron"] == 62
     assert np.isfinite(embeddings["embedding"].values).all()
-    assert summary.outputs == []
+    with NWBHDF5IO(str(summary.outputs[0]), "r") as io:
+        nwb = io.read()
+        table = nwb.processing["neurpir"]["embeddings"]
+        names = np.asarray(table["timeseries"].data[:]).astype(str)
+        assert len(table) == 62
+        assert set(names) <= set(nwb.acquisition)
+        assert np.asarray(table["embedding"].data).shape == (62, 16)
 
 
 def test_mixed_modalities_rejected(tmp_path):

@@ -78,6 +78,7 @@ class _SourceTable:
     table: str
     row_ids: np.ndarray
     nwb_version: str
+    series_names: tuple[str, ...] = ()
 
 
 def write_embeddings_nwb(
@@ -91,6 +92,7 @@ def write_embeddings_nwb(
     class_names: Sequence[str] | None,
     attributes: Mapping[str, str],
     table: str = "units",
+    series_names: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write per-neuron embeddings and predictions into a copy of an NWB file.
@@ -123,7 +125,12 @@ def write_embeddings_nwb(
         name. Must contain ``"neurpir_version"`` and ``"recipe_sha256"``.
     table
         Path of the neuron table inside the source file, for example ``"units"``
-        or ``"processing/ophys/ImageSegmentation/PlaneSegmentation"``.
+        or ``"processing/ophys/ImageSegmentation/PlaneSegmentation"``, or
+        ``"acquisition"`` for neurons stored as plain TimeSeries.
+    series_names
+        With ``table="acquisition"``, the name of the TimeSeries of each neuron, in
+        the order of ``rows``. The output then holds a ``timeseries`` column of
+        names in place of the region column.
     overwrite
         Replace an existing file at ``output_path``.
 
@@ -149,7 +156,10 @@ def write_embeddings_nwb(
     table = table.strip("/")
 
     _check_output_path(source_path, output_path, overwrite)
-    source = _read_source_table(source_path, table)
+    if table == "acquisition":
+        source = _read_source_series(source_path, series_names)
+    else:
+        source = _read_source_table(source_path, table)
 
     rows = _checked_rows(rows, source)
     embeddings = _checked_embeddings(embeddings, rows, source)
@@ -257,6 +267,29 @@ def _read_source_table(source_path: Path, table: str) -> _SourceTable:
         row_ids = node["id"][:].astype(np.int64)
 
     return _SourceTable(path=source_path, table=table, row_ids=row_ids, nwb_version=nwb_version)
+
+
+def _read_source_series(source_path: Path, series_names: Sequence[str] | None) -> _SourceTable:
+    """Check that every named TimeSeries is in the source's acquisition group, and read the NWB version."""
+    if not series_names:
+        raise ValueError(f"{source_path}: neurons in 'acquisition' need series_names, one TimeSeries name per neuron")
+
+    with h5py.File(source_path, "r") as source_file:
+        nwb_version = _decode_attribute(source_file.attrs.get("nwb_version", b""))
+        if f"processing/{MODULE_NAME}" in source_file:
+            raise DataError(
+                f"{source_path}: already contains a processing module '{MODULE_NAME}', probably "
+                f"written by an earlier run. Use the original recording as the source"
+            )
+        acquisition = source_file.get("acquisition")
+        missing = [name for name in series_names if acquisition is None or name not in acquisition]
+    if missing:
+        raise DataError(f"{source_path}: no TimeSeries '{missing[0]}' in acquisition; pass names read from this file")
+
+    names = tuple(str(name) for name in series_names)
+    return _SourceTable(
+        path=source_path, table="acquisition", row_ids=np.arange(len(names), dtype=np.int64), nwb_version=nwb_version, series_names=names
+    )
 
 
 def _checked_rows(rows: np.ndarray, source: _SourceTable) -> np.ndarray:
@@ -441,15 +474,23 @@ def _append_module(
     """Append the ``neurpir`` module with the embeddings table to the copy at ``partial_path``."""
     with NWBHDF5IO(partial_path, mode="a") as io:
         nwbfile = io.read()
-        target = _find_table(io, nwbfile, source)
-
-        columns = [
-            DynamicTableRegion(
+        if source.series_names:
+            # Plain TimeSeries are no table rows, so each row names its TimeSeries in /acquisition.
+            link = VectorData(
+                name="timeseries",
+                description="Name of the TimeSeries in /acquisition that this row describes.",
+                data=[source.series_names[row] for row in rows],
+            )
+        else:
+            link = DynamicTableRegion(
                 name="unit",
                 description=f"Row of /{source.table} that this row describes.",
                 data=rows,
-                table=target,
-            ),
+                table=_find_table(io, nwbfile, source),
+            )
+
+        columns = [
+            link,
             VectorData(
                 name="embedding",
                 description=(

@@ -594,3 +594,40 @@ def test_nwb1_source_rejected(shared_data, tmp_path):
 
     with pytest.raises(SourceError, match="missing NWB version"):
         write_embeddings_nwb(source, tmp_path / "out" / "x.nwb", **_small_inputs())
+
+
+def test_series_neurons_named_and_checked(tmp_path, shared_data):
+    source = shared_data / "nwb" / "real" / "celegans_wholebrain_timeseries.nwb"
+    names = ["Activity_0001", "Activity_0000"]
+    attributes = {"neurpir_version": "0.1.0", "recipe_sha256": "0" * 64}
+
+    output = write_embeddings_nwb(
+        source,
+        tmp_path / "worm.nwb",
+        rows=np.arange(2),
+        embeddings=np.ones((2, 3), dtype=np.float32),
+        predicted_labels=None,
+        probabilities=None,
+        class_names=None,
+        attributes=attributes,
+        table="acquisition",
+        series_names=names,
+    )
+    with NWBHDF5IO(str(output), "r") as io:
+        table = io.read().processing["neurpir"]["embeddings"]
+        assert np.asarray(table["timeseries"].data[:]).astype(str).tolist() == names
+
+    with pytest.raises(DataError, match=r"no TimeSeries 'Activity_9999' in acquisition"):
+        write_embeddings_nwb(
+            source,
+            tmp_path / "bad.nwb",
+            rows=np.arange(1),
+            embeddings=np.ones((1, 3), dtype=np.float32),
+            predicted_labels=None,
+            probabilities=None,
+            class_names=None,
+            attributes=attributes,
+            table="acquisition",
+            series_names=["Activity_9999"],
+        )
+    assert not (tmp_path / "bad.nwb").exists()
