@@ -114,7 +114,7 @@ def test_hash_changes_with_content(tmp_path):
     assert first.data_sha256() == second.data_sha256()
 
 
-@pytest.mark.parametrize("name", ["human-mtl-regions.yaml", "izhikevich.yaml", "ophys-example.yaml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in (REPOSITORY / "recipes").glob("*.yaml")))
 def test_shipped_recipes_validate(name):
     recipe = load_recipe(REPOSITORY / "recipes" / name)
     assert recipe.name == name.removesuffix(".yaml")
@@ -134,5 +134,5 @@ def test_bundled_recipe_by_name(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_lists_bundled(tmp_path):
-    with pytest.raises(RecipeError, match=r"bundled recipe \(human-mtl-regions, izhikevich, ophys-example\)"):
+    with pytest.raises(RecipeError, match=r"bundled recipe \(celegans-timeseries, human-mtl-regions, izhikevich, ophys-example\)"):
         load_recipe(tmp_path / "nope.yaml")

@@ -129,7 +129,7 @@ def write_embeddings_nwb(
         ``"acquisition"`` for neurons stored as plain TimeSeries.
     series_names
         With ``table="acquisition"``, the name of the TimeSeries of each neuron, in
-        the order of ``rows``. The output then holds a ``timeseries`` column of
+        the order of ``rows``. The output then contains a ``timeseries`` column of
         names in place of the region column.
     overwrite
         Replace an existing file at ``output_path``.
