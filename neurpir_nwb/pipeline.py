@@ -633,6 +633,7 @@ def write_outputs(recipe: Recipe, embeddings: xr.Dataset, evaluation: Evaluation
             if tables == ["acquisition"]:
                 series_names = embeddings["series"].values[selected].astype(str).tolist()
             if len(tables) > 1:
+                # NOTE: the writer links one table per output, so a file with several imaging planes needs one plane per run.
                 raise DataError(
                     f"{source}: neurons come from {len(tables)} PlaneSegmentations ({', '.join(tables)}); "
                     "writing one output table per plane is not supported yet, so select one plane with ophys.series"
