@@ -54,7 +54,7 @@ from neurpir_nwb.io.recording import Recording
 from neurpir_nwb.io.timeseries import read_timeseries
 from neurpir_nwb.io.traces import TraceRecording
 from neurpir_nwb.io.units import LabelSpec, read_units
-from neurpir_nwb.io.writer import write_embeddings_nwb
+from neurpir_nwb.io.writer import EmbeddingBlock, write_embedding_tables_nwb
 from neurpir_nwb.model import EncoderConfig, NeurPIREncoder, Projector, VICRegLoss
 from neurpir_nwb.progress import Progress, SilentProgress
 from neurpir_nwb.recipe import Recipe
@@ -628,26 +628,27 @@ def write_outputs(recipe: Recipe, embeddings: xr.Dataset, evaluation: Evaluation
             if output_path.resolve() == Path(source).resolve():
                 raise DataError(f"output {output_path} would overwrite its source file; choose another run directory with --output")
 
-            tables = sorted(set(embeddings["table"].values[selected].astype(str)))
-            series_names = None
-            if tables == ["acquisition"]:
-                series_names = embeddings["series"].values[selected].astype(str).tolist()
-            if len(tables) > 1:
-                # NOTE: the writer links one table per output, so a file with several imaging planes needs one plane per run.
-                raise DataError(
-                    f"{source}: neurons come from {len(tables)} PlaneSegmentations ({', '.join(tables)}); "
-                    "writing one output table per plane is not supported yet, so select one plane with ophys.series"
+            # One output table per source table: "embeddings", or "embeddings_<plane>" for several imaging planes.
+            tables = list(dict.fromkeys(embeddings["table"].values[selected].astype(str)))
+            blocks = []
+            for table in tables:
+                chosen = selected & (embeddings["table"].values.astype(str) == table)
+                blocks.append(
+                    EmbeddingBlock(
+                        table=table,
+                        rows=embeddings["table_row"].values[chosen],
+                        embeddings=embeddings["embedding"].values[chosen],
+                        predicted_labels=embeddings["predicted_label"].values[chosen].astype(str) if has_probe else None,
+                        probabilities=embeddings["class_probabilities"].values[chosen] if has_probe else None,
+                        series_names=embeddings["series"].values[chosen].astype(str).tolist() if table == "acquisition" else None,
+                        name="embeddings" if len(tables) == 1 else f"embeddings_{table.rsplit('/', 1)[-1]}",
+                    )
                 )
 
-            write_embeddings_nwb(
+            write_embedding_tables_nwb(
                 source,
                 output_path,
-                table=tables[0],
-                series_names=series_names,
-                rows=embeddings["table_row"].values[selected],
-                embeddings=embeddings["embedding"].values[selected],
-                predicted_labels=embeddings["predicted_label"].values[selected].astype(str) if has_probe else None,
-                probabilities=embeddings["class_probabilities"].values[selected] if has_probe else None,
+                blocks=blocks,
                 class_names=[str(name) for name in embeddings["class"].values] if has_probe else None,
                 attributes=attributes,
             )

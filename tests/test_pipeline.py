@@ -248,3 +248,27 @@ def test_annotated_rois_drive_the_probe(tmp_path, shared_data):
     assert len(report["duplicate_keys"]) == 1
     assert summary.metrics["embedding"]["n_labelled"] == 10
     assert sum(map(sum, summary.metrics["embedding"]["confusion"])) == 10
+
+
+def test_two_planes_write_one_table_each(tmp_path, shared_data):
+    source = shared_data / "bugcases" / "B12_roi_subset_two_planes.nwb"
+    recipe_path = tmp_path / "planes.yaml"
+    recipe_path.write_text(
+        "name: planes\nsources:\n  - path: x.nwb\n    ophys: {source: Fluorescence}\n"
+        "segments: {bin_size_s: 0.1, bins_per_patch: 2, patches: 2, neighbours: 2, distance_bins: 3}\n"
+        "model: {dim: 8, heads: 2, temporal_layers: 1, spatiotemporal_layers: 1, projector: [16, 16]}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 4, device: cpu}\n"
+    )
+    recipe = load_recipe(recipe_path, sources=[source], output=tmp_path / "run")
+
+    summary = run_recipe(recipe)
+
+    with NWBHDF5IO(str(summary.outputs[0]), "r") as io:
+        module = io.read().processing["neurpir"]
+        plane0 = module["embeddings_PlaneSegmentation_plane0"]
+        plane1 = module["embeddings_PlaneSegmentation_plane1"]
+        assert plane0["unit"].table.name == "PlaneSegmentation_plane0"
+        assert plane1["unit"].table.name == "PlaneSegmentation_plane1"
+        assert plane0.id[:].tolist() == [0, 2, 4]
+        assert plane1.id[:].tolist() == [0, 1, 2, 3]
+        assert plane0["unit"].data[:].tolist() == [0, 2, 4]

@@ -14,6 +14,10 @@ The output is the source file plus one processing module ``neurpir`` that contai
     2-D float32 column whose columns follow the table attribute ``class_names``.
     Absent when the probe gives no probabilities.
 
+Neurons of several source tables, such as the PlaneSegmentations of several imaging
+planes, get one table each (see :func:`write_embedding_tables_nwb`). Neurons stored as
+plain TimeSeries get a ``timeseries`` column of names in place of ``unit``.
+
 The table's ``id`` column contains the ids of the linked source rows (the unit ids).
 Provenance (package version, recipe sha256, class names, model name and the NWB versions
 before and after writing) is stored as HDF5 attributes on the table group. Any NWB
@@ -151,36 +155,86 @@ def write_embeddings_nwb(
     ValueError
         If the inputs disagree with each other (lengths, shapes, class names).
     """
+    block = EmbeddingBlock(
+        table=table,
+        rows=rows,
+        embeddings=embeddings,
+        predicted_labels=predicted_labels,
+        probabilities=probabilities,
+        series_names=series_names,
+    )
+    return write_embedding_tables_nwb(
+        source_path, output_path, blocks=[block], class_names=class_names, attributes=attributes, overwrite=overwrite
+    )
+
+
+@dataclass
+class EmbeddingBlock:
+    """Neurons of one source table, written as one table of the ``neurpir`` module.
+
+    The fields are the arguments of :func:`write_embeddings_nwb`; ``name`` is the
+    name of the output table.
+    """
+
+    table: str
+    rows: np.ndarray
+    embeddings: np.ndarray
+    predicted_labels: Sequence[str] | None = None
+    probabilities: np.ndarray | None = None
+    series_names: Sequence[str] | None = None
+    name: str = TABLE_NAME
+
+
+def write_embedding_tables_nwb(
+    source_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    blocks: Sequence[EmbeddingBlock],
+    class_names: Sequence[str] | None,
+    attributes: Mapping[str, str],
+    overwrite: bool = False,
+) -> Path:
+    """Write several source tables' embeddings, one output table each, into a copy of an NWB file.
+
+    This serves files whose neurons come from several tables, such as the
+    PlaneSegmentations of several imaging planes. Each block becomes a table of the
+    ``neurpir`` module named ``block.name``, with the same provenance attributes. The
+    checks, the atomic rename and the errors are those of :func:`write_embeddings_nwb`.
+    """
     source_path = Path(source_path)
     output_path = Path(output_path)
-    table = table.strip("/")
+    names = [block.name for block in blocks]
+    if not blocks or len(set(names)) != len(names):
+        raise ValueError(f"{source_path}: blocks need distinct output table names, got {names}")
 
     _check_output_path(source_path, output_path, overwrite)
-    if table == "acquisition":
-        source = _read_source_series(source_path, series_names)
-    else:
-        source = _read_source_table(source_path, table)
-
-    rows = _checked_rows(rows, source)
-    embeddings = _checked_embeddings(embeddings, rows, source)
-    labels = _checked_labels(predicted_labels, class_names, rows, source)
-    probabilities = _checked_probabilities(probabilities, class_names, rows, source)
+    checked = []
+    for block in blocks:
+        table = block.table.strip("/")
+        if table == "acquisition":
+            source = _read_source_series(source_path, block.series_names)
+        else:
+            source = _read_source_table(source_path, table)
+        rows = _checked_rows(block.rows, source)
+        checked.append(
+            {
+                "name": block.name,
+                "source": source,
+                "rows": rows,
+                "embeddings": _checked_embeddings(block.embeddings, rows, source),
+                "labels": _checked_labels(block.predicted_labels, class_names, rows, source),
+                "probabilities": _checked_probabilities(block.probabilities, class_names, rows, source),
+            }
+        )
+    source = checked[0]["source"]
     table_attributes = _checked_attributes(attributes, class_names, source)
 
     output_path.parent.mkdir(parents=True, exist_ok=True)
     partial_path = output_path.with_name(f".{output_path.name}.partial-{secrets.token_hex(4)}")
     try:
         shutil.copyfile(source_path, partial_path)
-        _append_module(
-            partial_path,
-            source=source,
-            rows=rows,
-            embeddings=embeddings,
-            labels=labels,
-            probabilities=probabilities,
-            class_names=class_names,
-        )
-        output_version = _store_attributes(partial_path, table_attributes, source.nwb_version)
+        _append_module(partial_path, blocks=checked, class_names=class_names)
+        output_version = _store_attributes(partial_path, table_attributes, source.nwb_version, names)
 
         # Another process may have created the output while the copy was written.
         if output_path.exists() and not overwrite:
@@ -199,7 +253,8 @@ def write_embeddings_nwb(
             source_path,
             output_version,
         )
-    logger.info("Wrote embeddings of %d neurons from %s to %s", len(rows), source_path, output_path)
+    n_neurons = sum(len(block["rows"]) for block in checked)
+    logger.info("Wrote embeddings of %d neurons from %s to %s", n_neurons, source_path, output_path)
     return output_path
 
 
@@ -461,89 +516,89 @@ def _find_table(io: NWBHDF5IO, nwbfile, source: _SourceTable) -> DynamicTable:
     raise DataError(f"{source.path}: pynwb found no object at '{source.table}'. Check the table path")
 
 
-def _append_module(
-    partial_path: Path,
-    *,
-    source: _SourceTable,
-    rows: np.ndarray,
-    embeddings: np.ndarray,
-    labels: list[str] | None,
-    probabilities: np.ndarray | None,
-    class_names: Sequence[str] | None,
-) -> None:
-    """Append the ``neurpir`` module with the embeddings table to the copy at ``partial_path``."""
+def _append_module(partial_path: Path, *, blocks: list[dict], class_names: Sequence[str] | None) -> None:
+    """Append the ``neurpir`` module with one embeddings table per block to the copy at ``partial_path``."""
     with NWBHDF5IO(partial_path, mode="a") as io:
         nwbfile = io.read()
-        if source.series_names:
-            # Plain TimeSeries are no table rows, so each row names its TimeSeries in /acquisition.
-            link = VectorData(
-                name="timeseries",
-                description="Name of the TimeSeries in /acquisition that this row describes.",
-                data=[source.series_names[row] for row in rows],
-            )
-        else:
-            link = DynamicTableRegion(
-                name="unit",
-                description=f"Row of /{source.table} that this row describes.",
-                data=rows,
-                table=_find_table(io, nwbfile, source),
-            )
-
-        columns = [
-            link,
-            VectorData(
-                name="embedding",
-                description=(
-                    f"Time-invariant embedding of the neuron learned by NeurPIR "
-                    f"(VICReg contrastive learning), float32, {embeddings.shape[1]} dimensions."
-                ),
-                data=H5DataIO(embeddings, compression="gzip", compression_opts=4),
-            ),
-        ]
-        if labels is not None:
-            columns.append(
-                VectorData(
-                    name="predicted_label",
-                    description="Label predicted by the probe from the embedding, or empty where it made none.",
-                    data=labels,
+        tables = []
+        for block in blocks:
+            source, rows, embeddings = block["source"], block["rows"], block["embeddings"]
+            labels, probabilities = block["labels"], block["probabilities"]
+            if source.series_names:
+                # Plain TimeSeries are no table rows, so each row names its TimeSeries in /acquisition.
+                link = VectorData(
+                    name="timeseries",
+                    description="Name of the TimeSeries in /acquisition that this row describes.",
+                    data=[source.series_names[row] for row in rows],
                 )
-            )
-        if probabilities is not None:
-            columns.append(
+            else:
+                link = DynamicTableRegion(
+                    name="unit",
+                    description=f"Row of /{source.table} that this row describes.",
+                    data=rows,
+                    table=_find_table(io, nwbfile, source),
+                )
+
+            columns = [
+                link,
                 VectorData(
-                    name="class_probabilities",
+                    name="embedding",
                     description=(
-                        f"Probe class probabilities, float32. Column j is the probability of "
-                        f"class_names[j] in the table attribute class_names: {', '.join(class_names)}."
+                        f"Time-invariant embedding of the neuron learned by NeurPIR "
+                        f"(VICReg contrastive learning), float32, {embeddings.shape[1]} dimensions."
                     ),
-                    data=probabilities,
+                    data=H5DataIO(embeddings, compression="gzip", compression_opts=4),
+                ),
+            ]
+            if labels is not None:
+                columns.append(
+                    VectorData(
+                        name="predicted_label",
+                        description="Label predicted by the probe from the embedding, or empty where it made none.",
+                        data=labels,
+                    )
                 )
-            )
+            if probabilities is not None:
+                columns.append(
+                    VectorData(
+                        name="class_probabilities",
+                        description=(
+                            f"Probe class probabilities, float32. Column j is the probability of "
+                            f"class_names[j] in the table attribute class_names: {', '.join(class_names)}."
+                        ),
+                        data=probabilities,
+                    )
+                )
 
-        embeddings_table = DynamicTable(
-            name=TABLE_NAME,
-            description=(
-                f"One row per neuron of /{source.table}: its NeurPIR embedding and the probe's "
-                f"predictions. The id column holds the ids of the linked rows, and the provenance "
-                f"is stored in this table's attributes."
-            ),
-            id=source.row_ids[rows],
-            columns=columns,
-        )
+            embeddings_table = DynamicTable(
+                name=block["name"],
+                description=(
+                    f"One row per neuron of /{source.table}: its NeurPIR embedding and the probe's "
+                    f"predictions. The id column holds the ids of the linked rows, and the provenance "
+                    f"is stored in this table's attributes."
+                ),
+                id=source.row_ids[rows],
+                columns=columns,
+            )
+            tables.append(embeddings_table)
+
         module = nwbfile.create_processing_module(
             name=MODULE_NAME,
             description=(
                 f"Per-neuron embeddings and probe predictions written by neurpir-nwb {__version__}."
             ),
         )
-        module.add(embeddings_table)
+        for embeddings_table in tables:
+            module.add(embeddings_table)
 
         # NOTE: pynwb caches its own schema and sets nwb_version to its core version here,
         # so pynwb 2.x cannot read outputs of older sources that contain an electrodes table.
         io.write(nwbfile)
 
 
-def _store_attributes(partial_path: Path, table_attributes: Mapping[str, object], source_nwb_version: str) -> str:
+def _store_attributes(
+    partial_path: Path, table_attributes: Mapping[str, object], source_nwb_version: str, table_names: Sequence[str] = (TABLE_NAME,)
+) -> str:
     """Store the provenance attributes on the table group and return the output's ``nwb_version``.
 
     A plain ``DynamicTable`` declares no such attributes, so pynwb cannot write them.
@@ -551,9 +606,10 @@ def _store_attributes(partial_path: Path, table_attributes: Mapping[str, object]
     """
     with h5py.File(partial_path, "r+") as output_file:
         output_nwb_version = _decode_attribute(output_file.attrs["nwb_version"])
-        group = output_file[TABLE_PATH]
-        for name, value in table_attributes.items():
-            group.attrs[name] = value
-        group.attrs["source_nwb_version"] = source_nwb_version
-        group.attrs["output_nwb_version"] = output_nwb_version
+        for table_name in table_names:
+            group = output_file[f"processing/{MODULE_NAME}/{table_name}"]
+            for name, value in table_attributes.items():
+                group.attrs[name] = value
+            group.attrs["source_nwb_version"] = source_nwb_version
+            group.attrs["output_nwb_version"] = output_nwb_version
     return output_nwb_version
