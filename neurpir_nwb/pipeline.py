@@ -149,6 +149,9 @@ def run_recipe(
         run_dir = prepare_run_directory(recipe, overwrite=overwrite)
     logger.info("run directory: %s", run_dir)
 
+    if len({source.modality for source in recipe.sources}) > 1:
+        return _run_separate_models(recipe, run_dir, overwrite=overwrite, progress=progress)
+
     clock = time.perf_counter()
     source_paths = resolve_sources(recipe, run_dir, progress)
     timings["simulate_s"] = time.perf_counter() - clock
@@ -209,6 +212,20 @@ def run_recipe(
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote %s", run_dir / "metrics.json")
+    return RunSummary(run_dir=run_dir, metrics=metrics, outputs=outputs)
+
+
+def _run_separate_models(recipe: Recipe, run_dir: Path, *, overwrite: bool, progress: Progress) -> RunSummary:
+    """Train one model per modality, each in its own run directory, and gather their metrics."""
+    metrics: dict[str, Any] = {"name": recipe.name, "neurpir_version": __version__, "recipe_sha256": recipe.sha256(), "models": {}}
+    outputs = []
+    for modality, part in recipe.split_by_modality().items():
+        logger.info("training the %s model in %s", modality, part.output_dir)
+        summary = run_recipe(part, overwrite=overwrite, progress=progress)
+        metrics["models"][modality] = {"run_dir": str(summary.run_dir), **summary.metrics}
+        outputs.extend(summary.outputs)
+
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return RunSummary(run_dir=run_dir, metrics=metrics, outputs=outputs)
 
 

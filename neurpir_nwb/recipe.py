@@ -257,6 +257,10 @@ class Recipe(_Strict):
     train: Train = Field(default_factory=Train)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     output: Output = Field(default_factory=Output)
+    separate_models: bool = Field(
+        default=False,
+        description="Train one model per modality when the sources mix Units tables and ophys traces, each in <run directory>/<modality>.",
+    )
 
     #: Folder the relative source paths are resolved against; set by :func:`load_recipe`.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -272,16 +276,30 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check_modalities(self) -> Recipe:
         modalities = {source.modality for source in self.sources}
-        if len(modalities) > 1:
+        if len(modalities) > 1 and not self.separate_models:
             raise ValueError(
-                "sources mix ecephys Units tables and ophys traces; train them with separate recipes, one per modality"
+                "sources mix ecephys Units tables and ophys traces; set separate_models: true to train one model "
+                "per modality, or use one recipe per modality"
             )
         return self
 
     @property
     def modality(self) -> str:
-        """Modality of the sources: ``"ecephys"`` or ``"ophys"``."""
+        """Modality of the sources: ``"ecephys"`` or ``"ophys"``; see :meth:`split_by_modality` for mixed sources."""
         return self.sources[0].modality
+
+    def split_by_modality(self) -> dict[str, Recipe]:
+        """Return one recipe per modality of the sources, each writing to ``<run directory>/<modality>``."""
+        recipes = {}
+        for modality in dict.fromkeys(source.modality for source in self.sources):
+            part = self.model_copy(deep=True)
+            part.sources = [source for source in self.sources if source.modality == modality]
+            part.name = f"{self.name}-{modality}"
+            part.output = Output(dir=self.output_dir / modality)
+            part.separate_models = False
+            part.base_dir = self.base_dir
+            recipes[modality] = part
+        return recipes
 
     @model_validator(mode="after")
     def _check_probe_label(self) -> Recipe:

@@ -217,8 +217,29 @@ def test_timeseries_recipe_embeds_every_series(tmp_path, shared_data):
 def test_mixed_modalities_rejected(tmp_path):
     recipe_path = tmp_path / "mixed.yaml"
     recipe_path.write_text("name: m\nsources:\n  - path: a.nwb\n  - path: b.nwb\n    ophys: {source: auto}\n")
-    with pytest.raises(RecipeError, match=r"sources mix ecephys Units tables and ophys traces"):
+    with pytest.raises(RecipeError, match=r"sources mix ecephys Units tables and ophys traces; set separate_models: true"):
         load_recipe(recipe_path)
+
+
+def test_separate_models_per_modality(tmp_path, shared_data):
+    units = shared_data / "nwb" / "real" / "human_mtl_sub-4_ses-4.nwb"
+    rois = shared_data / "nwb" / "real" / "ophys_suite2p_15rois.nwb"
+    recipe_path = tmp_path / "both.yaml"
+    recipe_path.write_text(
+        f"name: both\nseparate_models: true\nsources:\n  - path: {units}\n  - path: {rois}\n    ophys: {{source: auto}}\n"
+        "segments: {bin_size_s: 0.1, bins_per_patch: 5, patches: 5, neighbours: 2, distance_bins: 3}\n"
+        "model: {dim: 8, heads: 2, temporal_layers: 1, spatiotemporal_layers: 1, projector: [16, 16]}\n"
+        "train: {epochs: 1, steps_per_epoch: 2, batch_size: 4, device: cpu}\n"
+    )
+    recipe = load_recipe(recipe_path, output=tmp_path / "run")
+
+    summary = run_recipe(recipe)
+
+    assert set(summary.metrics["models"]) == {"ecephys", "ophys"}
+    assert summary.metrics["models"]["ecephys"]["n_neurons"] == 35
+    assert summary.metrics["models"]["ophys"]["n_neurons"] == 15
+    assert sorted(path.parent.parent.name for path in summary.outputs) == ["ecephys", "ophys"]
+    assert (tmp_path / "run" / "metrics.json").is_file()
 
 
 def test_annotated_rois_drive_the_probe(tmp_path, shared_data):

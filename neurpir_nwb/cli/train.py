@@ -82,7 +82,13 @@ def train(
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
-    """Print the headline numbers of a finished run on standard output."""
+    """Print the headline numbers of a finished run on standard output, one block per model."""
+    if "models" in metrics:
+        for modality, model_metrics in metrics["models"].items():
+            typer.echo(f"{modality} model:")
+            _print_summary(model_metrics, Path(model_metrics["run_dir"]))
+        return
+
     training = metrics["training"]
     typer.echo(f"run directory: {run_dir}")
     typer.echo(
