@@ -360,7 +360,8 @@ def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_di
             return cached
         logger.info("rebuilding the segment set %s: sources or segment settings changed", path)
 
-    settings = SegmentSettings(**recipe.segments.model_dump(exclude={"normalise"}))
+    settings = SegmentSettings(**recipe.segments.model_dump(exclude={"normalise", "rate_hz"}))
+    settings.bin_size_s = recipe.segments.bin_width_s
     if recipe.modality == "ophys":
         segment_set = build_trace_segment_set(recordings, settings, normalise=recipe.segments.normalise)
     else:

@@ -144,15 +144,25 @@ class Segments(_Strict):
     patches: int = Field(default=32, ge=1, description="Patches per window.")
     neighbours: int = Field(default=8, ge=0, description="Nearest neighbours the encoder sees with each neuron.")
     distance_bins: int = Field(default=32, ge=2, description="Distance bins of the neighbours; bin 0 is the neuron itself.")
+    rate_hz: float | None = Field(
+        default=None,
+        gt=0,
+        description="Rate in Hz that traces (ophys) are resampled to; it sets the bin width to 1 / rate_hz. Not for spike trains.",
+    )
     normalise: Literal["zscore", "robust"] = Field(
         default="zscore",
         description="Per-neuron normalisation of traces (ophys): z-score, or median and scaled MAD. Spike counts are not normalised.",
     )
 
     @property
+    def bin_width_s(self) -> float:
+        """Width of one bin in seconds: ``1 / rate_hz`` when a resampling rate is given, else ``bin_size_s``."""
+        return 1.0 / self.rate_hz if self.rate_hz is not None else self.bin_size_s
+
+    @property
     def window_s(self) -> float:
         """Length of one window, in seconds."""
-        return self.bin_size_s * self.bins_per_patch * self.patches
+        return self.bin_width_s * self.bins_per_patch * self.patches
 
 
 class Model(_Strict):
@@ -276,6 +286,8 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check_modalities(self) -> Recipe:
         modalities = {source.modality for source in self.sources}
+        if self.segments.rate_hz is not None and "ecephys" in modalities:
+            raise ValueError("segments.rate_hz resamples traces of ophys sources; spike trains are binned with segments.bin_size_s")
         if len(modalities) > 1 and not self.separate_models:
             raise ValueError(
                 "sources mix ecephys Units tables and ophys traces; set separate_models: true to train one model "

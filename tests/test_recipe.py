@@ -136,3 +136,17 @@ def test_bundled_recipe_by_name(tmp_path, monkeypatch):
 def test_unknown_recipe_lists_bundled(tmp_path):
     with pytest.raises(RecipeError, match=r"bundled recipe \(celegans-timeseries, human-mtl-regions, izhikevich, ophys-example\)"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_rate_sets_bin_width_for_traces(tmp_path):
+    text = "name: r\nsources:\n  - path: a.nwb\n    ophys: {source: auto}\nsegments: {rate_hz: 4, bins_per_patch: 2, patches: 3}\n"
+    recipe = load_recipe(write(tmp_path / "r.yaml", text))
+
+    assert recipe.segments.bin_width_s == pytest.approx(0.25)
+    assert recipe.segments.window_s == pytest.approx(1.5)
+
+
+def test_rate_rejected_for_spike_trains(tmp_path):
+    text = "name: r\nsources: [{path: a.nwb}]\nsegments: {rate_hz: 4}\n"
+    with pytest.raises(RecipeError, match=r"segments.rate_hz resamples traces of ophys sources"):
+        load_recipe(write(tmp_path / "r.yaml", text))
