@@ -34,12 +34,12 @@ import yaml
 from neurpir_nwb.evaluate import (
     ProbeSettings,
     binned_activity_pca,
-    binned_activity_pca_features,
     plot_confusion,
     plot_embedding_map,
     retrieval_top1,
     run_probe,
     spike_train_features,
+    summarise_window_projections,
 )
 from neurpir_nwb.io.units import read_units
 from neurpir_nwb.pipeline import machine_description, run_recipe, software_versions
@@ -117,7 +117,7 @@ def score(recipe: Recipe, runs: dict[str, Path], output: Path) -> dict:
     features = {name: dataset["embedding"].values for name, dataset in embeddings.items()}
     features["spike_train_features"] = _spike_train_features(segment_set)
     pca_windows = binned_activity_pca(data.activity, data.valid, np.flatnonzero(training), seed=seed)
-    features["pca_binned_activity"] = binned_activity_pca_features(data.activity, data.valid, np.flatnonzero(training), seed=seed)
+    features["pca_binned_activity"] = summarise_window_projections(pca_windows, data.valid)
 
     results: dict = {"label": LABEL, "test_subjects": test_subjects, "n_neurons": int(labels.size), "scores": {}}
     in_domain = ProbeSettings(split="stratified", folds=recipe.evaluate.folds)

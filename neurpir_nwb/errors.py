@@ -23,7 +23,7 @@ class DataError(NeurpirError):
 
 
 class RunDirectoryError(NeurpirError):
-    """Run directory that already holds the results of an earlier run."""
+    """Run directory that already contains the results of an earlier run."""
 
 
 class ModelError(NeurpirError):

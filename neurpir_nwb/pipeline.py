@@ -7,6 +7,7 @@ run directory collects what every stage produced::
     runs/<name>/
       recipe.yaml      the resolved recipe
       log.txt          the run's log (written by the command-line program)
+      simulated/       NWB files of simulated animals, when the recipe simulates them
       segments.nc      the segment set, reused while the recipe's data part is unchanged
       model/           weights, configuration, probe and provenance
       embeddings.nc    per-neuron embeddings with ids and labels

@@ -1,8 +1,8 @@
 """The trainer: positive pairs of windows, the fit loop, one-update steps, checkpoints and embeddings.
 
 Two windows of the same neuron, taken at different times, form a positive pair. Each
-view holds the neuron and its k nearest neighbours in the same window, so the
-encoder sees the population around the neuron. :class:`Trainer.fit` loops over
+view contains the neuron and its k nearest neighbours in the same window, so the
+encoder receives the population around the neuron. :class:`Trainer.fit` loops over
 epochs and steps, :meth:`Trainer.step` does one update, and :func:`embed_neurons`
 averages a neuron's window embeddings over its whole recording.
 """
@@ -103,8 +103,8 @@ class WindowData:
     dataset
         A segment set from :func:`neurpir_nwb.segments.build_segment_set`.
     holdout_fraction
-        Share of each neuron's valid windows, the last ones in time, that training never
-        sees; the retrieval score uses them.
+        Share of each neuron's valid windows, the last ones in time, that training skips
+        because the retrieval score is measured on them.
     train_neurons
         Indices of the neurons training may draw; by default all. The others are
         still embedded, and may still appear as neighbours of a training neuron only

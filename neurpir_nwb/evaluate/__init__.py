@@ -11,6 +11,7 @@ from neurpir_nwb.evaluate.features import (
     isi_histogram_edges_s,
     spike_train_feature_names,
     spike_train_features,
+    summarise_window_projections,
 )
 from neurpir_nwb.evaluate.figures import plot_confusion, plot_embedding_map, plot_training_curve
 from neurpir_nwb.evaluate.probe import (
@@ -40,4 +41,5 @@ __all__ = [
     "run_probe",
     "spike_train_feature_names",
     "spike_train_features",
+    "summarise_window_projections",
 ]

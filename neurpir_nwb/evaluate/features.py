@@ -252,8 +252,14 @@ def binned_activity_pca_features(
         ``(n_neurons, 2 * n_components)`` float64 features.
     """
     projected = binned_activity_pca(activity, valid, fit_neurons, n_components=n_components, seed=seed)
+    return summarise_window_projections(projected, valid)
 
-    # Invalid windows are NaN and ignored; a neuron without valid windows gets zeros.
+
+def summarise_window_projections(projected: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Return the mean and the standard deviation of each neuron's valid window projections.
+
+    Invalid windows are ignored, and a neuron without valid windows gets zeros.
+    """
     weights = valid[..., None].astype(np.float64)
     counts = np.maximum(weights.sum(axis=1), 1.0)
     values = np.nan_to_num(projected)

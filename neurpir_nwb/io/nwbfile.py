@@ -1,8 +1,8 @@
 """Open NWB 2.x files for reading, with a clear error for every file pynwb cannot read.
 
-The checks run on the raw HDF5 file before pynwb touches it, so a missing file, a
-truncated download or an NWB 1.x file each fail with one sentence that names the
-file and gives the fix, instead of a traceback from deep inside h5py or pynwb.
+The checks run on the raw HDF5 file before pynwb reads it. A missing file, a
+truncated download or an NWB 1.x file then fails with one sentence that names the
+file and gives the fix, not with a traceback from inside h5py or pynwb.
 """
 
 from __future__ import annotations

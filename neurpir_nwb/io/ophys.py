@@ -92,9 +92,9 @@ def read_ophys(
     SourceError
         When the file cannot be read as an NWB 2.x file.
     DataError
-        When no series matches, when a series' data does not have one column per ROI
-        in ``rois``, when its orientation is ambiguous, when two series cover the same
-        ROI, when the series do not share a time base, or when a label column is missing.
+        When no series matches, or a series' data does not have one column per ROI in
+        ``rois``, or its orientation is ambiguous. Also when two series cover the same
+        ROI, the series do not share a time base, or a label column is missing.
     RecipeError
         When ``source`` is not one of ``"auto"``, ``"DfOverF"``, ``"Fluorescence"``.
     """

@@ -1,7 +1,7 @@
 """Read an NWB Units table into a :class:`Recording`: spike trains, positions and labels.
 
 Spike trains are read in bulk (the concatenated ``spike_times`` values and their
-index, split in memory) and sanitised before any other stage sees them. Region
+index, split in memory) and sanitised before any other stage reads them. Region
 columns such as ``electrodes`` are read through their raw row indices, never through
 pynwb's row access, which returns DataFrames.
 """
@@ -31,7 +31,7 @@ MAX_LOGGED_UNITS = 20
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """Where one label of each unit comes from.
+    """Source of one label of each unit: a units column, or an electrodes column through the unit's links.
 
     Attributes
     ----------
