@@ -23,9 +23,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from neurpir_nwb.errors import RecipeError
+from neurpir_nwb.errors import RecipeError, SourceError
 
-__all__ = ["Recipe", "bundled_recipes", "load_recipe", "recipe_json_schema"]
+__all__ = ["ProblemPolicy", "Recipe", "UnitsPolicy", "bundled_recipes", "load_recipe", "recipe_json_schema"]
 
 
 class _Strict(BaseModel):
@@ -50,6 +50,13 @@ class Simulation(_Strict):
     reset_jitter_mv: float | None = Field(
         default=None, ge=0, description="SD in mV of each neuron's reset potential c; the simulator's default when not given."
     )
+    layout: Literal["uniform", "laminar"] | None = Field(
+        default=None,
+        description=(
+            "'uniform' places every type anywhere in the volume; 'laminar' makes z cortical depth "
+            "and gives each type its own layer densities. The simulator's default (uniform) when not given."
+        ),
+    )
 
 
 class OphysOptions(_Strict):
@@ -68,20 +75,57 @@ class TimeSeriesOptions(_Strict):
 
 
 class Source(_Strict):
-    """One NWB file to load, or a set of simulated animals.
+    """One NWB file to load, the assets of a dandiset, or a set of simulated animals.
 
     A file is read as a Units table unless ``ophys`` or ``timeseries`` is given.
     """
 
-    path: Path | None = Field(default=None, description="NWB file, relative to the recipe file or absolute.")
+    path: Path | None = Field(
+        default=None,
+        description="NWB file, relative to the recipe file or absolute. With 'dandi': a glob over the asset paths, such as 'sub-*/*.nwb'.",
+    )
+    dandi: str | None = Field(
+        default=None, description="Dandiset to read assets from: DANDI:<id>, DANDI:<id>/draft or DANDI:<id>/<version>."
+    )
+    mode: Literal["download", "stream"] = Field(
+        default="download",
+        description="With 'dandi': 'download' verified copies into the cache folder, or 'stream' the assets over HTTP range requests.",
+    )
+    cache: Path | None = Field(
+        default=None,
+        description=(
+            "With 'dandi' and mode 'download': folder of the downloaded dandisets, relative to the recipe file. "
+            "By default $NEURPIR_DANDI_CACHE, else the user's cache folder."
+        ),
+    )
+    api_url: str | None = Field(
+        default=None, description="With 'dandi': REST API of another DANDI instance; by default $NEURPIR_DANDI_API_URL or the public archive."
+    )
     simulate: Simulation | None = Field(default=None, description="Simulated animals, written to <run directory>/simulated.")
     ophys: OphysOptions | None = Field(default=None, description="Read the file's ROI traces instead of its Units table.")
     timeseries: TimeSeriesOptions | None = Field(default=None, description="Read plain TimeSeries as neurons instead of the Units table.")
 
+    @field_validator("dandi")
+    @classmethod
+    def _check_dandi_reference(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from neurpir_nwb.dandi import parse_dandi_ref  # imported here because the dandi client loads slowly
+
+        try:
+            return str(parse_dandi_ref(value))
+        except SourceError as error:
+            raise ValueError(str(error)) from None
+
     @model_validator(mode="after")
     def _check_kind(self) -> Source:
-        if (self.path is None) == (self.simulate is None):
-            raise ValueError("a source needs exactly one of 'path' (an NWB file) or 'simulate' (simulated animals)")
+        if self.dandi is not None:
+            if self.simulate is not None:
+                raise ValueError("a source is either 'dandi' assets or 'simulate'd animals, not both")
+        elif (self.path is None) == (self.simulate is None):
+            raise ValueError("a source needs exactly one of 'path' (an NWB file), 'dandi' (a dandiset) or 'simulate' (simulated animals)")
+        elif "mode" in self.model_fields_set or self.cache is not None or self.api_url is not None:
+            raise ValueError("'mode', 'cache' and 'api_url' apply to 'dandi' sources only")
         if self.ophys is not None and self.timeseries is not None:
             raise ValueError("a source is read either as 'ophys' ROI traces or as 'timeseries', not both")
         if self.simulate is not None and (self.ophys is not None or self.timeseries is not None):
@@ -128,11 +172,131 @@ class LabelSource(_Strict):
 
 
 class UnitsPolicy(_Strict):
-    """Policy of the Units reader for irregular spike trains."""
+    """Policy of the Units reader for irregular spike trains, and the unit of the stored spike times."""
 
     sort_spikes: bool = Field(
         default=False,
-        description="Sort descending spike trains with a warning instead of rejecting the file.",
+        description=(
+            "Sort descending spike trains with a warning instead of rejecting the file; "
+            "the same as problems.descending_spike_times: warn."
+        ),
+    )
+    spike_times_unit: Literal["s", "ms", "samples"] = Field(
+        default="s",
+        description=(
+            "Unit of the stored spike_times: 's' (seconds, as NWB requires), 'ms', or 'samples' "
+            "(sample indices, with sampling_rate_hz). The reader converts them to seconds."
+        ),
+    )
+    sampling_rate_hz: float | None = Field(
+        default=None, gt=0, description="Sampling rate in Hz that spike_times count in when spike_times_unit is 'samples'."
+    )
+
+    @model_validator(mode="after")
+    def _check_sampling_rate(self) -> UnitsPolicy:
+        if self.spike_times_unit == "samples" and self.sampling_rate_hz is None:
+            raise ValueError("spike_times_unit 'samples' needs sampling_rate_hz: the rate in Hz that the sample indices count")
+        if self.spike_times_unit != "samples" and self.sampling_rate_hz is not None:
+            raise ValueError("sampling_rate_hz applies only to spike_times_unit 'samples'; remove it or set spike_times_unit: samples")
+        return self
+
+
+#: Action of a reader on one kind of data problem.
+ProblemAction = Literal["raise", "warn", "ignore"]
+
+
+def _problem(default: str, description: str) -> Any:
+    """Return the pydantic field of one data problem, with its default action."""
+    return Field(default=default, description=description)
+
+
+class ProblemPolicy(_Strict):
+    """Action of the readers on each data problem they detect in a file.
+
+    'raise' stops with an error that names the file, the neurons, the values and the fix.
+    'warn' applies the repair named in the problem's description and logs it with counts
+    and neuron ids. 'ignore' applies the same repair without a warning.
+    ``neurpir-nwb inspect`` lists every problem and exits with status 1 when one of them is set to 'raise'.
+    """
+
+    spike_times_not_seconds: ProblemAction = _problem(
+        "raise",
+        "Spike times that look like sample indices (at least 20 spikes, all whole numbers) or milliseconds "
+        "(a spike later than 24 h). Repair: none, the times are read as seconds; "
+        "the fix is units.spike_times_unit (and units.sampling_rate_hz).",
+    )
+    descending_spike_times: ProblemAction = _problem(
+        "raise",
+        "A unit's spike times that descend, as trial-relative times do. Repair: the train is sorted.",
+    )
+    nonfinite_spike_times: ProblemAction = _problem(
+        "warn", "NaN or infinite spike times. Repair: they are dropped."
+    )
+    negative_spike_times: ProblemAction = _problem(
+        "warn", "Negative spike times, such as -1 sentinels. Repair: they are dropped."
+    )
+    duplicate_spike_times: ProblemAction = _problem(
+        "warn", "A spike time equal to the one before it in the same unit. Repair: both are kept."
+    )
+    empty_units: ProblemAction = _problem(
+        "warn", "Units with no spike times left. Repair: they are kept with all-zero activity."
+    )
+    spikes_outside_obs_intervals: ProblemAction = _problem(
+        "warn",
+        "Spike times outside the unit's obs_intervals. Repair: they are dropped, and windows outside "
+        "the unit's obs_intervals are left out of training and embedding.",
+    )
+    unlinked_units: ProblemAction = _problem(
+        "warn",
+        "Units without a link to the electrodes table (no electrodes column, or an empty row), when positions "
+        "or labels need one. Repair: positions of all units become unit row numbers; electrode labels are empty.",
+    )
+    missing_labels: ProblemAction = _problem(
+        "warn",
+        "Label values (such as electrode locations) that are missing, empty, 'unknown', 'none', 'n/a', 'nan' "
+        "or 'null'. Repair: the neurons stay unlabelled; they train, and the probe leaves them out.",
+    )
+    region_out_of_bounds: ProblemAction = _problem(
+        "raise",
+        "Region indices (electrodes, rois or another DynamicTableRegion) that point outside their table. "
+        "Repair: those links are dropped, and trace columns that point outside are left out.",
+    )
+    transposed_traces: ProblemAction = _problem(
+        "warn", "RoiResponseSeries data stored as (ROIs, time) instead of (time, ROIs). Repair: it is transposed."
+    )
+    nonfinite_samples: ProblemAction = _problem(
+        "warn",
+        "NaN or infinite samples in traces. Repair: neurons with only such samples are dropped; other such "
+        "samples become NaN, and windows that contain them are left out.",
+    )
+    invalid_timestamps: ProblemAction = _problem(
+        "raise",
+        "Trace timestamps that are NaN, or that do not increase. Repair: samples with NaN times are dropped, "
+        "the others are sorted by time, and repeated times keep their first sample.",
+    )
+    irregular_timestamps: ProblemAction = _problem(
+        "warn",
+        "Trace timestamps whose intervals differ from their median by more than 1 %. Repair: traces are "
+        "resampled onto a regular grid, and grid points inside gaps become NaN.",
+    )
+    raw_integer_data: ProblemAction = _problem(
+        "warn", "Integer trace data with the default conversion 1 and offset 0, which may be raw counts. Repair: none."
+    )
+    naive_session_start: ProblemAction = _problem(
+        "warn",
+        "A session_start_time without a timezone. Repair: pynwb takes the local timezone of the machine "
+        "that reads the file; times inside the file are relative to it, so they do not change.",
+    )
+    old_schema: ProblemAction = _problem(
+        "warn",
+        "A file of an NWB schema older than 2.2.0 (written by pynwb 1.2 or earlier) or without cached "
+        "specifications. Repair: none; pynwb maps it to its current schema.",
+    )
+    uncached_extension: ProblemAction = _problem(
+        "warn",
+        "An extension namespace used in the file but not cached in it, which pynwb has loaded from an installed "
+        "package. Repair: the installed version of the extension is used. A namespace that pynwb has not loaded "
+        "makes the file unreadable, whatever this setting.",
     )
 
 
@@ -175,6 +339,23 @@ class Model(_Strict):
     mlp_ratio: float = Field(default=4.0, gt=0, description="Hidden width of each block's MLP, as a multiple of dim.")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout rate in the encoder.")
     projector: list[int] = Field(default=[256, 256], min_length=1, description="Widths of the VICReg projector's layers.")
+    own_embedding: bool = Field(
+        default=False,
+        description=(
+            "Append a second half to the embedding: the target's tokens after the temporal blocks, "
+            "before spatial attention, trained by VICReg through its own projector."
+        ),
+    )
+    batching: Literal["per-target", "population"] = Field(
+        default="per-target",
+        description=(
+            "'per-target' encodes each target with copies of its neighbours (the published formulation). "
+            "'population' encodes every neuron of a recording window once and makes each of them a target; "
+            "train.batch_size is then the minimum number of targets per step. The two give the same embeddings "
+            "with at most one spatio-temporal layer; with deeper stacks, population batching updates every neuron "
+            "in its own neighbourhood, which is a different model."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> Model:
@@ -222,6 +403,12 @@ class Train(_Strict):
         description="Share of each neuron's windows, the last in time, kept out of training to score same-neuron retrieval.",
     )
     embed_batch_size: int = Field(default=256, ge=1, description="Windows per forward pass when computing embeddings.")
+    compile: bool = Field(default=False, description="Compile the encoder and projector with torch.compile before training.")
+    checkpoint_steps: int = Field(
+        default=100,
+        ge=0,
+        description="Also save <run directory>/model/checkpoint.pt every this many steps, besides after every epoch; 0 for epochs only.",
+    )
 
 
 class Evaluate(_Strict):
@@ -261,6 +448,10 @@ class Recipe(_Strict):
     sources: list[Source] = Field(min_length=1, description="NWB files to learn from.")
     labels: dict[str, LabelSource] = Field(default_factory=dict, description="Label name to where its values come from.")
     units: UnitsPolicy = Field(default_factory=UnitsPolicy)
+    problems: ProblemPolicy = Field(
+        default_factory=ProblemPolicy,
+        description="Data problem name to 'raise', 'warn' or 'ignore'; see neurpir-nwb inspect.",
+    )
     segments: Segments = Field(default_factory=Segments)
     model: Model = Field(default_factory=Model)
     loss: Loss = Field(default_factory=Loss)
@@ -322,8 +513,8 @@ class Recipe(_Strict):
 
     @property
     def source_paths(self) -> list[Path]:
-        """Paths of the NWB file sources, resolved against the recipe's folder; simulated sources are left out."""
-        return [(self.base_dir / source.path).resolve() for source in self.sources if source.path is not None]
+        """Paths of the local NWB file sources, resolved against the recipe's folder; simulated and DANDI sources are left out."""
+        return [(self.base_dir / source.path).resolve() for source in self.sources if source.path is not None and source.dandi is None]
 
     @property
     def annotation_tables(self) -> list[Path]:
@@ -350,10 +541,13 @@ class Recipe(_Strict):
     def resolved(self) -> dict[str, Any]:
         """Return the recipe with every default filled in and absolute source paths."""
         data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
-        data["sources"] = [
-            {"path": str((self.base_dir / source.path).resolve())} if source.path is not None else data["sources"][index]
-            for index, source in enumerate(self.sources)
-        ]
+        for source, entry in zip(self.sources, data["sources"]):
+            if source.dandi is None:
+                entry.pop("mode", None)
+            if source.dandi is None and source.path is not None:
+                entry["path"] = str((self.base_dir / source.path).resolve())
+            if source.cache is not None:
+                entry["cache"] = str((self.base_dir / source.cache).resolve())
         data["output"] = {"dir": str(self.output_dir)}
         return data
 
@@ -361,11 +555,17 @@ class Recipe(_Strict):
         """Return the sha256 of the resolved recipe, in canonical JSON."""
         return _sha256_json(self.resolved())
 
-    def data_sha256(self) -> str:
-        """Return the sha256 of the parts that decide the segment set: sources, labels, units and segments."""
+    def data_sha256(self, source_files: list[Path] | None = None) -> str:
+        """Return the sha256 of the parts that decide the segment set: sources, labels, units, problems and segments.
+
+        Each source file counts by its path, size and modification time: the files
+        given in ``source_files`` (those the sources resolved to, DANDI assets and
+        simulated animals included), else the recipe's local files.
+        """
         data = self.resolved()
-        part = {key: data[key] for key in ("sources", "labels", "units", "segments")}
-        part["source_files"] = [_file_signature(path) for path in self.source_paths + self.annotation_tables]
+        part = {key: data[key] for key in ("sources", "labels", "units", "problems", "segments")}
+        files = list(source_files) if source_files is not None else self.source_paths
+        part["source_files"] = [_file_signature(path) for path in files + self.annotation_tables]
         return _sha256_json(part)
 
 

@@ -256,9 +256,19 @@ def _stack_parts(recordings, parts: list[dict], settings: SegmentSettings, edges
     return dataset
 
 
+#: Most windows of one recording: 10 million windows of 1 s would span 116 days.
+MAX_WINDOWS_PER_RECORDING = 10_000_000
+
+
 def _segment_recording(recording: Recording, settings: SegmentSettings) -> dict[str, np.ndarray]:
     """Bin one recording and cut it into whole windows from the first spike on."""
     span_s = recording.t_stop_s - recording.t_start_s
+    if not np.isfinite(span_s) or span_s / settings.window_s > MAX_WINDOWS_PER_RECORDING:
+        raise DataError(
+            f"{recording.path}: the session spans {span_s:.6g} s ({recording.t_start_s:.6g} to {recording.t_stop_s:.6g} s), "
+            f"more than {MAX_WINDOWS_PER_RECORDING:,} windows of {settings.window_s:.3f} s; the spike times are probably "
+            "not in seconds, so set units.spike_times_unit (and units.sampling_rate_hz) in the recipe"
+        )
     n_windows = int(np.floor(span_s / settings.window_s + 1e-9))
     if n_windows < 2:
         raise DataError(
@@ -275,11 +285,31 @@ def _segment_recording(recording: Recording, settings: SegmentSettings) -> dict[
     neighbour, distance = neighbour_indices(recording.positions, settings.neighbours)
     return {
         "activity": activity,
-        "valid": np.ones((recording.n_neurons, n_windows), dtype=bool),
+        "valid": _observed_windows(recording, window_start, settings.window_s),
         "window_start_s": np.broadcast_to(window_start, (recording.n_neurons, n_windows)).copy(),
         "neighbour": neighbour,
         "distance": distance,
     }
+
+
+def _observed_windows(recording: Recording, window_start_s: np.ndarray, window_s: float) -> np.ndarray:
+    """Flag, per neuron and window, the windows that lie inside one of the neuron's obs_intervals.
+
+    Every window is valid when the recording has no obs_intervals, and for a neuron
+    whose interval list is empty.
+    """
+    valid = np.ones((recording.n_neurons, len(window_start_s)), dtype=bool)
+    intervals_per_neuron = getattr(recording, "obs_intervals_s", None)
+    if intervals_per_neuron is None:
+        return valid
+
+    window_stop_s = window_start_s + window_s
+    for neuron, intervals in enumerate(intervals_per_neuron):
+        if len(intervals) == 0:
+            continue
+        inside = (window_start_s[:, None] >= intervals[None, :, 0]) & (window_stop_s[:, None] <= intervals[None, :, 1])
+        valid[neuron] = inside.any(axis=1)
+    return valid
 
 
 def _pad(array: np.ndarray, n_windows: int, fill) -> np.ndarray:

@@ -27,8 +27,14 @@ neuron i forms with probability ``p0 * exp(-distance / lambda)``. Excitatory neu
 (RS, IB, CH) have weights uniform in ``[0, excitatory_weight]`` and inhibitory ones
 (FS, LTS) uniform in ``[-inhibitory_weight, 0]``. A presynaptic spike adds its weight
 to the postsynaptic input for the next step: a 1 ms current pulse, scaled by
-``1 ms / dt_ms`` so that its charge does not depend on the step. Types are assigned at
-random, independent of position.
+``1 ms / dt_ms`` so that its charge does not depend on the step.
+
+With ``layout="uniform"``, types are placed at random, independent of position. With
+``layout="laminar"``, z is cortical depth from the pia, cut into the layers of
+``LAMINAR_LAYERS``, and each type is denser in some layers than in others
+(``LAMINAR_DENSITY``): intrinsically bursting neurons mostly in layer 5, chattering
+neurons mostly in layer 2/3, fast-spiking neurons in every layer. Each type keeps its
+share of the mix, and only its depths change.
 
 The default weights keep the 1 : 2 ratio of Izhikevich (2003), whose maxima were 0.5
 and 1, but are 4 times larger. His neurons had 1,000 inputs each, and these have
@@ -146,6 +152,32 @@ NEURON_TYPES: Mapping[str, IzhikevichParameters] = MappingProxyType(
     }
 )
 
+#: Cortical layers of the laminar layout: name, then top and bottom as fractions of the
+#: volume's depth (z) from the pia. Thicknesses follow rodent sensory cortex roughly.
+LAMINAR_LAYERS: tuple[tuple[str, float, float], ...] = (
+    ("L2/3", 0.0, 0.35),
+    ("L4", 0.35, 0.5),
+    ("L5", 0.5, 0.75),
+    ("L6", 0.75, 1.0),
+)
+
+#: Relative density of each type in each layer of ``LAMINAR_LAYERS``, in layer order.
+#: Intrinsically bursting (thick-tufted) cells sit mostly in layer 5, chattering cells
+#: mostly in layer 2/3, low-threshold spiking (Martinotti-like) cells in layers 2/3 and
+#: 5; regular and fast-spiking cells occur in every layer.
+LAMINAR_DENSITY: Mapping[str, tuple[float, float, float, float]] = MappingProxyType(
+    {
+        "RS": (1.0, 1.0, 0.6, 1.2),
+        "IB": (0.05, 0.1, 1.0, 0.3),
+        "CH": (1.0, 0.4, 0.2, 0.1),
+        "FS": (1.0, 1.0, 1.0, 1.0),
+        "LTS": (0.6, 0.2, 0.8, 0.4),
+    }
+)
+
+#: Neuron layouts in space.
+LAYOUTS = ("uniform", "laminar")
+
 #: Default fraction of each type. Cortex is about 80 % excitatory, but a benchmark needs
 #: every class well represented. With at least 15 % per type, an animal of 200 neurons
 #: has at least 30 neurons of each type, so every fold of a 5-fold split contains at
@@ -178,6 +210,10 @@ class SimulationSettings:
         Type name (a key of ``NEURON_TYPES``) to fraction of neurons; fractions sum to 1.
     volume_um
         Size (x, y, z) in micrometres of the box the neurons sit in.
+    layout
+        ``"uniform"``: every neuron anywhere in the box, whatever its type.
+        ``"laminar"``: z is depth, and each type's depth follows its layer densities
+        (``LAMINAR_DENSITY``).
     connection_probability
         Connection probability ``p0`` between two neurons at distance 0.
     connection_length_um
@@ -208,6 +244,7 @@ class SimulationSettings:
     dt_ms: float = 1.0
     type_mix: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TYPE_MIX))
     volume_um: tuple[float, float, float] = (500.0, 500.0, 500.0)
+    layout: str = "uniform"
     connection_probability: float = 0.5
     connection_length_um: float = 150.0
     excitatory_weight: float = 2.0
@@ -228,7 +265,7 @@ class SimulationSettings:
         # Plain Python numbers, so that the settings serialise to JSON and compare equal after a round trip.
         object.__setattr__(self, "n_neurons", int(self.n_neurons))
         for item in fields(self):
-            if item.name not in ("n_neurons", "type_mix", "volume_um"):
+            if item.name not in ("n_neurons", "type_mix", "volume_um", "layout"):
                 object.__setattr__(self, item.name, float(getattr(self, item.name)))
 
     @property
@@ -311,6 +348,8 @@ def _checked_volume(volume_um: Sequence[float]) -> tuple[float, float, float]:
 
 def _check_settings(settings: SimulationSettings) -> None:
     """Raise RecipeError naming the first setting that is out of range."""
+    if settings.layout not in LAYOUTS:
+        raise RecipeError(f"layout {settings.layout!r} is unknown; give one of {', '.join(LAYOUTS)}")
     if isinstance(settings.n_neurons, bool) or not isinstance(settings.n_neurons, (int, np.integer)):
         raise RecipeError(f"n_neurons {settings.n_neurons!r} is invalid; give a whole number of neurons")
     if not 1 <= settings.n_neurons <= MAX_NEURONS:
@@ -671,6 +710,8 @@ def simulate_animal(settings: SimulationSettings, seed: int, *, on_time: OnTime 
     n_neurons = settings.n_neurons
     positions_um = type_rng.uniform(0.0, 1.0, size=(n_neurons, 3)) * np.asarray(settings.volume_um)
     cell_types = _assign_types(settings.type_mix, n_neurons, type_rng)
+    if settings.layout == "laminar":
+        positions_um[:, 2] = _laminar_depths(cell_types, type_rng) * settings.volume_um[2]
     excitatory = np.array([NEURON_TYPES[name].excitatory for name in cell_types], dtype=bool)
     parameters = _jittered_parameters(cell_types, settings, parameter_rng)
     weights = _synaptic_weights(positions_um, excitatory, settings, synapse_rng)
@@ -730,6 +771,24 @@ def _assign_types(type_mix: Mapping[str, float], n_neurons: int, rng: np.random.
 
     labels = np.repeat(np.array(names, dtype=object), counts)
     return rng.permutation(labels).astype(str)
+
+
+def _laminar_depths(cell_types: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Return each neuron's depth as a fraction of the volume's depth, drawn from its type's layer densities.
+
+    A neuron's layer is drawn with probability proportional to its type's density in
+    the layer times the layer's thickness. Its depth is then uniform within the layer.
+    """
+    tops = np.array([top for _, top, _ in LAMINAR_LAYERS])
+    thickness = np.array([bottom - top for _, top, bottom in LAMINAR_LAYERS])
+
+    depths = np.empty(len(cell_types))
+    for name in np.unique(cell_types):
+        members = np.flatnonzero(cell_types == name)
+        weights = np.asarray(LAMINAR_DENSITY[name]) * thickness
+        layers = rng.choice(len(LAMINAR_LAYERS), size=members.size, p=weights / weights.sum())
+        depths[members] = tops[layers] + rng.uniform(0.0, 1.0, size=members.size) * thickness[layers]
+    return depths
 
 
 def _jittered_parameters(cell_types: np.ndarray, settings: SimulationSettings, rng: np.random.Generator) -> np.ndarray:
@@ -1087,6 +1146,8 @@ def _has_same_simulation(path: Path, settings: SimulationSettings, seed: int) ->
     differences = [key for key in ("model_version", "seed", "integration", "neuron_types") if notes.get(key) != expected[key]]
     stored_settings = notes.get("settings", {})
     if isinstance(stored_settings, dict):
+        # Files written before a setting existed were simulated with its default.
+        stored_settings = {**SimulationSettings().to_dict(), **stored_settings}
         differences += [
             f"settings.{key} ({stored_settings.get(key)!r} in the file, {value!r} now)"
             for key, value in expected["settings"].items()

@@ -12,6 +12,7 @@ from neurpir_nwb.errors import RecipeError, RunDirectoryError
 from neurpir_nwb.io.units import LabelSpec, read_units
 from neurpir_nwb.simulate import (
     DEFAULT_TYPE_MIX,
+    LAMINAR_LAYERS,
     NEURON_TYPES,
     SimulationSettings,
     read_simulation_notes,
@@ -201,6 +202,48 @@ def test_positions_inside_volume():
     assert (positions <= np.array([100.0, 200.0, 300.0])).all()
 
 
+def layer_of(depth_fraction: np.ndarray) -> np.ndarray:
+    bottoms = np.array([bottom for _, _, bottom in LAMINAR_LAYERS])
+    return np.searchsorted(bottoms, depth_fraction, side="right").clip(max=len(bottoms) - 1)
+
+
+def test_laminar_layout_places_types_by_layer():
+    # 1,000 neurons and no activity: only positions matter. Expected shares from the layer
+    # densities times thicknesses: IB in layer 5 0.70, CH in layer 2/3 0.72, FS in layer
+    # 2/3 0.35 (the layer's thickness). With 150 or more neurons per type, the binomial
+    # SD of a share is at most 0.04, so the thresholds below sit 3 SD or more away.
+    settings = SimulationSettings(n_neurons=1000, duration_s=0.01, layout="laminar", volume_um=(400.0, 400.0, 800.0))
+    animal = simulate_animal(settings, seed=2)
+    layers = layer_of(animal.positions_um[:, 2] / 800.0)
+    names = [name for name, _, _ in LAMINAR_LAYERS]
+
+    def share(cell_type: str, layer: str) -> float:
+        return float(np.mean(layers[animal.cell_types == cell_type] == names.index(layer)))
+
+    assert share("IB", "L5") > 0.55
+    assert share("CH", "L2/3") > 0.55
+    assert 0.2 < share("FS", "L2/3") < 0.5
+    assert (animal.positions_um >= 0).all() and (animal.positions_um <= [400.0, 400.0, 800.0]).all()
+
+
+def test_uniform_layout_ignores_type():
+    settings = SimulationSettings(n_neurons=1000, duration_s=0.01)
+    animal = simulate_animal(settings, seed=2)
+    layers = layer_of(animal.positions_um[:, 2] / 500.0)
+
+    assert np.mean(layers[animal.cell_types == "IB"] == 2) < 0.4
+    assert np.mean(layers[animal.cell_types == "CH"] == 0) < 0.5
+
+
+def test_layouts_share_types_and_parameters():
+    uniform = simulate_animal(SimulationSettings(n_neurons=40, duration_s=0.01), seed=5)
+    laminar = simulate_animal(SimulationSettings(n_neurons=40, duration_s=0.01, layout="laminar"), seed=5)
+
+    assert np.array_equal(uniform.cell_types, laminar.cell_types)
+    assert np.array_equal(uniform.parameters, laminar.parameters)
+    assert np.array_equal(uniform.positions_um[:, :2], laminar.positions_um[:, :2])
+
+
 def test_excitatory_follows_type(tiny_animal):
     expected = [NEURON_TYPES[name].excitatory for name in tiny_animal.cell_types]
 
@@ -263,6 +306,7 @@ def test_settings_round_trip():
         ({"type_mix": {"RS": "all"}}, ["fraction of RS is 'all'", "give a number"]),
         ({"volume_um": (100.0, 100.0)}, ["volume_um", "three lengths"]),
         ({"parameter_jitter": 0.5}, ["parameter_jitter 0.5", "at most 0.2"]),
+        ({"layout": "columnar"}, ["layout 'columnar'", "uniform, laminar"]),
     ],
 )
 def test_invalid_settings_rejected(values, fragments):

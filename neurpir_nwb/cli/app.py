@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Annotated
 
 import typer
 
 from neurpir_nwb._version import __version__
+from neurpir_nwb.cli import embed as embed_command
+from neurpir_nwb.cli import fetch as fetch_command
+from neurpir_nwb.cli import inspect as inspect_command
 from neurpir_nwb.cli import simulate as simulate_command
 from neurpir_nwb.cli import train as train_command
 from neurpir_nwb.cli.base import configure_logging, console
@@ -20,6 +24,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+#: Error numbers of a full disk, an exhausted quota and a file over the size limit.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 #: Whether a failure prints its full traceback; set by --debug.
 _state = {"debug": False}
@@ -47,6 +54,9 @@ def _global_options(
 
 app.command("train")(train_command.train)
 app.command("simulate")(simulate_command.simulate)
+app.command("fetch")(fetch_command.fetch)
+app.command("embed")(embed_command.embed)
+app.command("inspect")(inspect_command.inspect)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,4 +71,17 @@ def main(argv: list[str] | None = None) -> None:
         if _state["debug"]:
             console.print_exception()
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in _DISK_FULL:
+            raise
+        if _state["debug"]:
+            console.print_exception()
+        where = f" while writing {error.filename}" if error.filename else ""
+        console.print(
+            f"[bold red]error:[/] the disk is full or the file size limit was reached{where} ({error.strerror}); "
+            "no output was left half-written at its final path. Free space and run the command again",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(2)

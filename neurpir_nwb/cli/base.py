@@ -14,7 +14,16 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichBars, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress as RichBars,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from neurpir_nwb._version import __version__
 from neurpir_nwb.progress import Advance, Progress
@@ -74,10 +83,14 @@ def run_log(path: Path) -> Iterator[Path]:
 
 
 class ProgressBars(Progress):
-    """Rich progress bars on standard error, one per stage."""
+    """Rich progress bars on standard error, one per stage.
 
-    def __init__(self, enabled: bool = True):
+    With ``count_bytes``, the bars count bytes and show the transfer rate, for downloads.
+    """
+
+    def __init__(self, enabled: bool = True, *, count_bytes: bool = False):
         self.enabled = enabled
+        self.count_bytes = count_bytes
 
     @contextmanager
     def stage(self, description: str, total: int | None) -> Iterator[Advance]:
@@ -85,13 +98,11 @@ class ProgressBars(Progress):
             yield lambda completed: None
             return
 
-        columns = [
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        ]
+        if self.count_bytes:
+            counters = [DownloadColumn(), TransferSpeedColumn()]
+        else:
+            counters = [MofNCompleteColumn(), TimeElapsedColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn(), *counters, TimeRemainingColumn()]
         with RichBars(*columns, console=console, transient=False) as bars:
             task = bars.add_task(description, total=total)
 

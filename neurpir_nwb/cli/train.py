@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from neurpir_nwb.cli.base import ProgressBars, console, run_log
+from neurpir_nwb.cli.base import ProgressBars, configure_logging, console, run_log
 from neurpir_nwb.errors import NeurpirError
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,17 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the results of an earlier run in the run directory.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run from <run directory>/model/checkpoint.pt, with the same recipe."),
+    ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train with this many processes on this machine (DistributedDataParallel: one per GPU with NCCL, or gloo on CPUs).",
+        ),
+    ] = 1,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
     """Train an encoder on a recipe's NWB files and write embeddings, metrics, figures and NWB outputs.
@@ -58,8 +70,13 @@ def train(
       neurpir-nwb train recipes/izhikevich.yaml
 
       neurpir-nwb train recipes/human-mtl-regions.yaml --source sub-4_ses-4_ecephys+image.nwb --output runs/mtl
+
+      neurpir-nwb train recipes/izhikevich.yaml --nproc 4
+
+      torchrun --nnodes 2 --nproc-per-node 8 --rdzv-id run1 --rdzv-backend c10d --rdzv-endpoint HOST:29400 -m neurpir_nwb train recipe.yaml
     """
     # Imported here so that --help and --version return without loading torch and pynwb.
+    from neurpir_nwb import distributed
     from neurpir_nwb.pipeline import prepare_run_directory, run_recipe
     from neurpir_nwb.recipe import load_recipe
 
@@ -69,16 +86,70 @@ def train(
     if epochs is not None:
         loaded.train.epochs = epochs
 
-    run_dir = prepare_run_directory(loaded, overwrite=overwrite)
-    with run_log(run_dir / "log.txt"):
-        logger.info("recipe %s (sha256 %s)", recipe, loaded.sha256()[:12])
-        try:
-            summary = run_recipe(loaded, run_dir=run_dir, progress=ProgressBars(enabled=progress))
-        except NeurpirError as error:
-            logger.debug("run failed: %s", error)
-            raise
+    session = None
+    if distributed.launched_by_torchrun():
+        if nproc > 1:
+            raise typer.BadParameter("torchrun starts the processes already; leave --nproc out under torchrun", param_hint="--nproc")
+        if int(os.environ["RANK"]) != 0:
+            _report_warnings_only()
+        session = distributed.start_from_environment(loaded.train.device)
+        if not session.is_main:
+            _serve_training(session)
+            return
+
+    try:
+        run_dir = prepare_run_directory(loaded, overwrite=overwrite, resume=resume)
+        if nproc > 1 and session is None:
+            session = distributed.start_local(nproc, loaded.train.device, _run_worker_process)
+        with run_log(run_dir / "log.txt"):
+            logger.info("recipe %s (sha256 %s)", recipe, loaded.sha256()[:12])
+            try:
+                summary = run_recipe(loaded, run_dir=run_dir, progress=ProgressBars(enabled=progress))
+            except NeurpirError as error:
+                logger.debug("run failed: %s", error)
+                raise
+    finally:
+        if session is not None:
+            distributed.finish(session)
 
     _print_summary(summary.metrics, summary.run_dir)
+
+
+def _serve_training(session) -> None:
+    """Train on every batch of inputs that rank 0 sends, until it sends None, then leave the group."""
+    from neurpir_nwb import distributed
+    from neurpir_nwb.pipeline import build_trainer
+
+    try:
+        while (payload := distributed.receive_training(session)) is not None:
+            recipe, data, checkpoint = payload
+            trainer = build_trainer(recipe, session=session)
+            if checkpoint is not None:
+                trainer.load_checkpoint(checkpoint)
+            trainer.fit(data)
+    except BaseException:
+        session.healthy = False
+        raise
+    finally:
+        distributed.finish(session)
+
+
+def _report_warnings_only() -> None:
+    """Log warnings and errors only: rank 0 reports progress and results for the whole group."""
+    configure_logging(quiet=True)
+
+
+def _run_worker_process(index: int, world_size: int, init_method: str, device: str, threads: int) -> None:
+    """Run rank ``index + 1`` of a group that ``--nproc`` started: join it and train until rank 0 finishes."""
+    import torch
+
+    from neurpir_nwb import distributed
+
+    _report_warnings_only()
+    session = distributed.start(device, rank=index + 1, world_size=world_size, local_rank=index + 1, init_method=init_method)
+    if session.backend == "gloo":
+        torch.set_num_threads(threads)
+    _serve_training(session)
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:

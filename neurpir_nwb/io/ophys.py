@@ -20,8 +20,10 @@ from pynwb.ophys import DfOverF, Fluorescence, PlaneSegmentation, RoiResponseSer
 
 from neurpir_nwb.errors import DataError, RecipeError
 from neurpir_nwb.io.nwbfile import open_nwb
+from neurpir_nwb.io.problems import Problem, ProblemHandler, format_ids, is_missing_label, setting
 from neurpir_nwb.io.timeseries import (
     check_same_time_base,
+    checked_timestamps,
     clean_traces,
     file_identity,
     scaled_data,
@@ -30,6 +32,7 @@ from neurpir_nwb.io.timeseries import (
 )
 from neurpir_nwb.io.traces import TraceRecording
 from neurpir_nwb.io.units import _to_text
+from neurpir_nwb.recipe import ProblemPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ def read_ophys(
     source: str = "auto",
     series: str | Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
+    problems: ProblemPolicy | None = None,
 ) -> TraceRecording:
     """Read ROI traces, ROI centroids and PlaneSegmentation labels from an NWB file.
 
@@ -81,6 +85,10 @@ def read_ophys(
     labels
         Label name to the PlaneSegmentation column that contains it, for example
         ``{"accepted": "Accepted"}``.
+    problems
+        Action per data problem; see :class:`~neurpir_nwb.recipe.ProblemPolicy`. By
+        default traces stored as (ROIs, time) are transposed, NaN and infinite samples
+        become NaN, and NaN or non-increasing timestamps raise.
 
     Returns
     -------
@@ -94,7 +102,8 @@ def read_ophys(
     DataError
         When no series matches, or a series' data does not have one column per ROI in
         ``rois``, or its orientation is ambiguous. Also when two series cover the same
-        ROI, the series do not share a time base, or a label column is missing.
+        ROI, the series do not share a time base, a label column is missing, or the
+        policy raises for a data problem.
     RecipeError
         When ``source`` is not one of ``"auto"``, ``"DfOverF"``, ``"Fluorescence"``.
     """
@@ -105,25 +114,32 @@ def read_ophys(
     if isinstance(series, str):
         series = [series]
 
-    with open_nwb(path) as (io, nwbfile):
+    handler = ProblemHandler(problems, log=logger)
+    with open_nwb(path, handler=handler) as (io, nwbfile):
         selected = _select_series(path, nwbfile, source, series)
-        columns = [_read_columns(path, one) for one in selected]
+        columns = [_read_columns(path, one, handler) for one in selected]
         _check_unique_rois(path, columns)
 
         names = [_series_label(column.series) for column in columns]
         shifts_s = check_same_time_base(path, names, [c.timestamps_s for c in columns], allow_shift=True)
         _log_plane_shifts(path, names, shifts_s)
-        rate_hz = series_rate_hz(columns[0].series, columns[0].timestamps_s)
+
+        roi_names = [f"ROI {roi_id} of {c.plane.name}" for c in columns for roi_id in c.roi_ids]
+        stored = columns[0].series.timestamps is not None
+        samples, timestamps_s = checked_timestamps(path, names[0], columns[0].timestamps_s, roi_names, handler, stored=stored)
+        if samples is not None:
+            for column in columns:
+                column.traces = column.traces[:, samples]
+        rate_hz = series_rate_hz(columns[0].series, timestamps_s)
 
         positions, position_source = _roi_positions(path, columns)
-        label_values = {name: _read_label(path, columns, name, column) for name, column in labels.items()}
+        label_values = {name: _read_label(path, columns, name, column, handler) for name, column in labels.items()}
 
         version = io.nwb_version[0] or ""
         identifier, session, subject = file_identity(nwbfile)
 
-    roi_names = [f"ROI {roi_id} of {c.plane.name}" for c in columns for roi_id in c.roi_ids]
     traces = np.concatenate([column.traces for column in columns], axis=0)
-    keep, traces, nan_counts, inf_counts, repairs = clean_traces(path, roi_names, traces)
+    keep, traces, nan_counts, inf_counts, repairs = clean_traces(path, roi_names, traces, handler)
 
     plane_tables = np.concatenate([np.full(len(c.rows), c.plane_path) for c in columns])[keep]
     table = plane_tables[0] if len(set(plane_tables)) == 1 else _common_parent(plane_tables)
@@ -138,7 +154,7 @@ def read_ophys(
         rows=np.concatenate([c.rows for c in columns])[keep],
         series_names=np.concatenate([np.full(len(c.rows), c.series.name) for c in columns])[keep],
         traces=traces,
-        timestamps_s=columns[0].timestamps_s,
+        timestamps_s=timestamps_s,
         rate_hz=rate_hz,
         positions=positions[keep],
         position_source=position_source,
@@ -242,79 +258,117 @@ def _series_by_name(
 # --- traces of one series ------------------------------------------------------------------------
 
 
-def _read_columns(path: Path, series: RoiResponseSeries) -> _SeriesColumns:
+def _read_columns(path: Path, series: RoiResponseSeries, handler: ProblemHandler) -> _SeriesColumns:
     """Read one series' traces (one row per ROI) and map each column to its PlaneSegmentation row and ROI id."""
     label = _series_label(series)
-    region = series.rois
-    if region is None or not isinstance(region.table, PlaneSegmentation):
-        raise DataError(
-            f"{path}: RoiResponseSeries {label!r} has no rois linking it to a PlaneSegmentation, "
-            "so its columns cannot be matched to ROIs; choose another series"
-        )
+    plane, rows, plane_ids = series_rois(path, series)
+    inside = rois_inside(path, label, plane, rows, handler)
 
-    plane = region.table
-    rows = np.asarray(region.data[:], dtype=np.int64)
-    plane_ids = np.asarray(plane.id.data[:], dtype=np.int64)
-    bad = np.flatnonzero((rows < 0) | (rows >= len(plane_ids)))
-    if bad.size:
-        raise DataError(
-            f"{path}: rois of {label!r} points at row {rows[bad[0]]} of {plane.name}, which has "
-            f"{len(plane_ids)} ROIs; the file is damaged, so export it again"
-        )
-
-    data = scaled_data(path, series)
+    data = scaled_data(path, series, handler)
     if data.ndim == 1:
         data = data[:, np.newaxis]
     timestamps = None if series.timestamps is None else np.asarray(series.timestamps[:], dtype=np.float64)
-    data = _time_by_roi(path, label, data, len(rows), timestamps)
+    if time_axis(path, label, data.shape, len(rows), None if timestamps is None else len(timestamps), handler) == 1:
+        data = data.T
     timestamps_s = series_timestamps_s(path, series, data.shape[0])
 
     return _SeriesColumns(
         series=series,
         plane=plane,
         plane_path=_object_path(plane),
-        rows=rows,
-        roi_ids=plane_ids[rows],
-        traces=np.ascontiguousarray(data.T),
+        rows=rows[inside],
+        roi_ids=plane_ids[rows[inside]],
+        traces=np.ascontiguousarray(data[:, inside].T),
         timestamps_s=timestamps_s,
     )
 
 
-def _time_by_roi(path: Path, label: str, data: np.ndarray, n_rois: int, timestamps: np.ndarray | None) -> np.ndarray:
-    """Return data as (time, ROIs), transposing data stored as (ROIs, time) with a warning."""
-    if data.ndim != 2:
+def series_rois(path: Path, series: RoiResponseSeries) -> tuple[PlaneSegmentation, np.ndarray, np.ndarray]:
+    """Return the PlaneSegmentation of a series, the row each trace column links to, and the plane's ROI ids."""
+    region = series.rois
+    if region is None or not isinstance(region.table, PlaneSegmentation):
         raise DataError(
-            f"{path}: RoiResponseSeries {label!r} has data of shape {data.shape}; expected (time, ROIs)"
+            f"{path}: RoiResponseSeries {_series_label(series)!r} has no rois linking it to a PlaneSegmentation, "
+            "so its columns cannot be matched to ROIs; choose another series"
         )
+    plane = region.table
+    rows = np.asarray(region.data[:], dtype=np.int64).reshape(-1)
+    plane_ids = np.asarray(plane.id.data[:], dtype=np.int64)
+    return plane, rows, plane_ids
 
-    n_first, n_second = data.shape
-    fits_stored = n_second == n_rois and (timestamps is None or n_first == len(timestamps))
-    fits_transposed = n_first == n_rois and (timestamps is None or n_second == len(timestamps))
+
+def rois_inside(path: Path, label: str, plane: PlaneSegmentation, rows: np.ndarray, handler: ProblemHandler) -> np.ndarray:
+    """Report trace columns whose rois row lies outside the PlaneSegmentation; return the mask of the others."""
+    n_rois = len(plane.id)
+    inside = (rows >= 0) & (rows < n_rois)
+    bad = np.flatnonzero(~inside)
+    if bad.size:
+        handler.report(
+            Problem(
+                kind="region_out_of_bounds",
+                description=(
+                    f"{path}: rois of {label!r} points at row {int(rows[bad[0]])} of {plane.name}, which has "
+                    f"{n_rois} ROIs ({bad.size} such trace columns: {format_ids(bad.tolist())})"
+                ),
+                repair="those trace columns are left out",
+                fix=(
+                    "the file is damaged, so export it again, or set "
+                    f"{setting('region_out_of_bounds', 'warn')} in the recipe to leave those columns out"
+                ),
+                neurons=[f"column {int(column)} of {label}" for column in bad],
+                count=int(bad.size),
+                table=label,
+            )
+        )
+    return inside
+
+
+def time_axis(
+    path: Path, label: str, shape: tuple[int, ...], n_rois: int, n_timestamps: int | None, handler: ProblemHandler
+) -> int:
+    """Return the axis of a series' data that is time: 0 as NWB stores it, or 1 for data stored as (ROIs, time).
+
+    Data stored as (ROIs, time) is reported as the ``transposed_traces`` problem.
+    Only the shape is used, so no data is read.
+    """
+    if len(shape) != 2:
+        raise DataError(f"{path}: RoiResponseSeries {label!r} has data of shape {shape}; expected (time, ROIs)")
+
+    n_first, n_second = shape
+    fits_stored = n_second == n_rois and (n_timestamps is None or n_first == n_timestamps)
+    fits_transposed = n_first == n_rois and (n_timestamps is None or n_second == n_timestamps)
 
     if fits_stored and fits_transposed:
         raise DataError(
-            f"{path}: RoiResponseSeries {label!r} has data of shape {data.shape} with {n_rois} ROIs, so it "
+            f"{path}: RoiResponseSeries {label!r} has data of shape {shape} with {n_rois} ROIs, so it "
             "cannot be told whether time is the first or the second axis; store timestamps of a different "
             "length than the number of ROIs, or read a series with more frames than ROIs"
         )
     if fits_stored:
-        return data
+        return 0
     if fits_transposed:
-        logger.warning(
-            "%s: RoiResponseSeries %r stores data as (ROIs, time) with shape %s; NWB expects (time, ROIs), "
-            "so it is transposed",
-            path,
-            label,
-            data.shape,
+        handler.report(
+            Problem(
+                kind="transposed_traces",
+                description=(
+                    f"{path}: RoiResponseSeries {label!r} stores data as (ROIs, time) with shape {shape}; "
+                    "NWB expects (time, ROIs)"
+                ),
+                repair="it is transposed",
+                fix=f"store the data as (time, ROIs) in the file, or set {setting('transposed_traces', 'warn')} in the recipe to transpose it",
+                neurons=[f"column {column} of {label}" for column in range(n_rois)],
+                count=n_rois,
+                table=label,
+            )
         )
-        return data.T
+        return 1
     if n_second != n_rois:
         raise DataError(
-            f"{path}: RoiResponseSeries {label!r} has {n_second} columns in data (shape {data.shape}) but "
+            f"{path}: RoiResponseSeries {label!r} has {n_second} columns in data (shape {shape}) but "
             f"{n_rois} ROIs in rois; the series must have one column per ROI, so export it again"
         )
     raise DataError(
-        f"{path}: RoiResponseSeries {label!r} has {n_first} frames in data but {len(timestamps)} timestamps; "
+        f"{path}: RoiResponseSeries {label!r} has {n_first} frames in data but {n_timestamps} timestamps; "
         "the file is damaged, so export it again"
     )
 
@@ -475,8 +529,8 @@ def _image_mask_centroids(plane: PlaneSegmentation) -> tuple[np.ndarray, str]:
 # --- labels --------------------------------------------------------------------------------
 
 
-def _read_label(path: Path, columns: list[_SeriesColumns], name: str, column_name: str) -> np.ndarray:
-    """Read one label per neuron from a PlaneSegmentation column; ``""`` where a plane lacks it."""
+def _read_label(path: Path, columns: list[_SeriesColumns], name: str, column_name: str, handler: ProblemHandler) -> np.ndarray:
+    """Read one label per neuron from a PlaneSegmentation column; ``""`` where a plane lacks it or the value is missing."""
     values: list[str] = []
     lacking = []
 
@@ -509,5 +563,27 @@ def _read_label(path: Path, columns: list[_SeriesColumns], name: str, column_nam
             name,
             ", ".join(dict.fromkeys(lacking)),
             column_name,
+        )
+
+    values = ["" if is_missing_label(value) else value for value in values]
+    names = [f"ROI {roi_id} of {column.plane.name}" for column in columns for roi_id in column.roi_ids]
+    missing = [neuron for neuron, value in zip(names, values) if not value]
+    if missing:
+        handler.report(
+            Problem(
+                kind="missing_labels",
+                description=(
+                    f"{path}: label {name!r} is empty for {len(missing)} of {len(values)} ROIs ({format_ids(missing)}) "
+                    f"because column {column_name!r} is missing, empty or 'unknown' there"
+                ),
+                repair="they stay unlabelled; they train, and the probe leaves them out",
+                fix=(
+                    f"fill in {column_name!r} in the file or give the label in an annotation table, or set "
+                    f"{setting('missing_labels', 'warn')} in the recipe to leave them unlabelled"
+                ),
+                neurons=missing,
+                count=len(missing),
+                table=column_name,
+            )
         )
     return np.asarray(values, dtype=str)

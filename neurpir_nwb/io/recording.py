@@ -44,6 +44,10 @@ class Recording:
         The ``nwb_version`` attribute of the source file.
     repairs
         Counts of what sanitising changed, for example ``{"nan_dropped": 2}``.
+    obs_intervals_s
+        Per neuron, the (n, 2) ``obs_intervals`` in seconds from the Units table, or
+        None when the table has none. Windows outside a neuron's intervals are left
+        out of its segments; an empty (0, 2) array means observed throughout.
     """
 
     path: Path
@@ -61,6 +65,7 @@ class Recording:
     t_stop_s: float = 0.0
     nwb_version: str = ""
     repairs: dict[str, int] = field(default_factory=dict)
+    obs_intervals_s: list[np.ndarray] | None = None
 
     @property
     def n_neurons(self) -> int:

@@ -17,7 +17,18 @@ from pynwb import NWBFile, TimeSeries
 
 from neurpir_nwb.errors import DataError
 from neurpir_nwb.io.nwbfile import open_nwb
+from neurpir_nwb.io.problems import (
+    REGULAR_RATE_TOLERANCE,
+    Problem,
+    ProblemHandler,
+    check_timestamps,
+    format_ids,
+    repair_timestamps,
+    setting,
+    timestamp_problems,
+)
 from neurpir_nwb.io.traces import TraceRecording
+from neurpir_nwb.recipe import ProblemPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +39,7 @@ MAX_LOGGED_NEURONS = 20
 # of the median sample interval.
 TIME_TOLERANCE = 0.01
 
-# Sample intervals within this fraction of their median count as one regular rate.
-REGULAR_RATE_TOLERANCE = 0.01
-
-
-def read_timeseries(path: str | Path, pattern: str) -> TraceRecording:
+def read_timeseries(path: str | Path, pattern: str, *, problems: ProblemPolicy | None = None) -> TraceRecording:
     """Read every TimeSeries in ``acquisition`` whose name matches a glob as one neuron.
 
     Parameters
@@ -41,40 +48,49 @@ def read_timeseries(path: str | Path, pattern: str) -> TraceRecording:
         Local path of the NWB file. It is opened read-only.
     pattern
         ``fnmatch`` glob matched against the series names, for example ``"Activity_*"``.
+    problems
+        Action per data problem; see :class:`~neurpir_nwb.recipe.ProblemPolicy`.
 
     Returns
     -------
     TraceRecording
         One neuron per matching series, in name order, with ``position_source``
-        ``"row"``. Neurons whose samples are all NaN or infinite are dropped with a
-        warning; other non-finite samples become NaN and are counted per neuron.
+        ``"row"``. By default neurons whose samples are all NaN or infinite are
+        dropped with a warning, and other non-finite samples become NaN and are
+        counted per neuron.
 
     Raises
     ------
     SourceError
         When the file cannot be read as an NWB 2.x file.
     DataError
-        When no series matches, when a series contains more than one trace, or when the
-        series do not share one time base.
+        When no series matches, when a series contains more than one trace, when the
+        series do not share one time base, or when the policy raises for a data problem.
     """
     path = Path(path)
+    handler = ProblemHandler(problems, log=logger)
 
-    with open_nwb(path) as (io, nwbfile):
+    with open_nwb(path, handler=handler) as (io, nwbfile):
         series_list = _matching_series(path, nwbfile, pattern)
 
         names = [series.name for series in series_list]
         timestamps_s = [series_timestamps_s(path, series, _n_samples(series)) for series in series_list]
         check_same_time_base(path, names, timestamps_s)
 
-        columns = [_single_trace(path, series) for series in series_list]
+        columns = [_single_trace(path, series, handler) for series in series_list]
         traces = np.stack(columns) if columns else np.empty((0, 0), dtype=np.float32)
-        rate_hz = series_rate_hz(series_list[0], timestamps_s[0])
+
+        stored = series_list[0].timestamps is not None
+        samples, times_s = checked_timestamps(path, names[0], timestamps_s[0], names, handler, stored=stored)
+        if samples is not None:
+            traces = traces[:, samples]
+        rate_hz = series_rate_hz(series_list[0], times_s)
 
         version = io.nwb_version[0] or ""
         identifier, session, subject = file_identity(nwbfile)
 
     order = np.arange(len(names), dtype=np.int64)
-    keep, traces, nan_counts, inf_counts, repairs = clean_traces(path, names, traces)
+    keep, traces, nan_counts, inf_counts, repairs = clean_traces(path, names, traces, handler)
 
     positions = np.zeros((int(keep.sum()), 3), dtype=np.float64)
     positions[:, 0] = np.arange(len(positions))
@@ -89,7 +105,7 @@ def read_timeseries(path: str | Path, pattern: str) -> TraceRecording:
         rows=order[keep],
         series_names=np.asarray(names, dtype=str)[keep],
         traces=traces,
-        timestamps_s=timestamps_s[0],
+        timestamps_s=times_s,
         rate_hz=rate_hz,
         positions=positions,
         position_source="row",
@@ -123,7 +139,7 @@ def _n_samples(series: TimeSeries) -> int:
     return int(np.shape(series.data)[0])
 
 
-def _single_trace(path: Path, series: TimeSeries) -> np.ndarray:
+def _single_trace(path: Path, series: TimeSeries, handler: ProblemHandler) -> np.ndarray:
     """Read a series that contains one trace as float32, after conversion and offset."""
     shape = np.shape(series.data)
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
@@ -131,7 +147,34 @@ def _single_trace(path: Path, series: TimeSeries) -> np.ndarray:
             f"{path}: TimeSeries {series.name!r} has data of shape {shape}, but each matched series must "
             "hold one neuron's trace; narrow the name pattern to the per-neuron series"
         )
-    return scaled_data(path, series).reshape(-1)
+    return scaled_data(path, series, handler).reshape(-1)
+
+
+def checked_timestamps(
+    path: Path,
+    series: str,
+    timestamps_s: np.ndarray,
+    neurons: Sequence[str],
+    handler: ProblemHandler,
+    *,
+    stored: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Report NaN, non-increasing and irregular timestamps; return the samples to keep and their times.
+
+    The samples are None when every sample is kept in stored order. Otherwise they
+    are the sample positions, in time order, after the ``invalid_timestamps`` repair.
+    Times computed from a rate (``stored`` false) are regular by construction and
+    are not checked.
+    """
+    if not stored:
+        return None, timestamps_s
+    found = timestamp_problems(str(path), series, check_timestamps(timestamps_s), neurons)
+    samples = None
+    for problem in found:
+        handler.report(problem)
+        if problem.kind == "invalid_timestamps":
+            samples, timestamps_s = repair_timestamps(timestamps_s)
+    return samples, timestamps_s
 
 
 # --- shared by the ophys reader ---------------------------------------------------------------
@@ -146,26 +189,25 @@ def file_identity(nwbfile: NWBFile) -> tuple[str, str, str]:
     return identifier, session, subject_id
 
 
-def scaled_data(path: Path, series: TimeSeries) -> np.ndarray:
+def scaled_data(path: Path, series: TimeSeries, handler: ProblemHandler | None = None) -> np.ndarray:
     """Read a series' data as float32 computed as ``data * conversion + offset``.
 
     The cast to float comes before the scaling, so integer data cannot overflow.
-    Integer data with the default conversion (1) and offset (0) is logged as possibly
-    raw counts.
+    Integer data with the default conversion (1) and offset (0) is reported as the
+    ``raw_integer_data`` problem, since its values may be raw counts.
     """
+    handler = handler if handler is not None else ProblemHandler(log=logger)
     raw = np.asarray(series.data[:])
+    if not (np.issubdtype(raw.dtype, np.number) or raw.dtype == np.bool_):
+        raise DataError(
+            f"{path}: series {series.name!r} stores {raw.dtype} data, not numbers; "
+            "choose a series of numeric traces"
+        )
     conversion = float(series.conversion if series.conversion is not None else 1.0)
     offset = float(getattr(series, "offset", 0.0) or 0.0)
 
     if np.issubdtype(raw.dtype, np.integer) and conversion == 1.0 and offset == 0.0:
-        logger.warning(
-            "%s: series %r stores %s data with the default conversion 1 and offset 0, so its values "
-            "may be raw counts rather than %r; set conversion and offset in the file if they are",
-            path,
-            series.name,
-            raw.dtype,
-            series.unit,
-        )
+        handler.report(raw_integer_problem(str(path), series.name, str(raw.dtype), str(series.unit)))
 
     values = raw.astype(np.float32)
     if conversion != 1.0:
@@ -173,6 +215,23 @@ def scaled_data(path: Path, series: TimeSeries) -> np.ndarray:
     if offset != 0.0:
         values += np.float32(offset)
     return values
+
+
+def raw_integer_problem(label: str, series: str, dtype: str, unit: str) -> Problem:
+    """Build the ``raw_integer_data`` problem of a series of integers with the default scale."""
+    return Problem(
+        kind="raw_integer_data",
+        description=(
+            f"{label}: series {series!r} stores {dtype} data with the default conversion 1 and offset 0, "
+            f"so its values may be raw counts rather than {unit!r}"
+        ),
+        repair="the values are read as stored",
+        fix=(
+            "set conversion and offset in the file if they are counts, or set "
+            f"{setting('raw_integer_data', 'ignore')} in the recipe if they are not"
+        ),
+        table=series,
+    )
 
 
 def series_timestamps_s(path: Path, series: TimeSeries, n_samples: int) -> np.ndarray:
@@ -264,8 +323,11 @@ def clean_traces(
     path: Path,
     names: Sequence[str],
     traces: np.ndarray,
+    handler: ProblemHandler | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Drop all-non-finite neurons and turn other non-finite samples into NaN.
+
+    Both are reported as one ``nonfinite_samples`` problem.
 
     Parameters
     ----------
@@ -273,6 +335,8 @@ def clean_traces(
         Name of each neuron in messages, for example ``"ROI 3 of PlaneSegmentation"``.
     traces
         (n_neurons, n_samples) float32 traces.
+    handler
+        Applies the problem policy; the default policy when None.
 
     Returns
     -------
@@ -281,45 +345,23 @@ def clean_traces(
         per kept neuron. Last come the repair counts ``neurons_dropped_all_nan``,
         ``nan_samples`` and ``inf_samples``, without the counts that are zero.
     """
-    nan_counts = np.count_nonzero(np.isnan(traces), axis=1).astype(np.int64)
-    inf_counts = np.count_nonzero(np.isinf(traces), axis=1).astype(np.int64)
+    handler = handler if handler is not None else ProblemHandler(log=logger)
+    all_nan_counts = np.count_nonzero(np.isnan(traces), axis=1).astype(np.int64)
+    all_inf_counts = np.count_nonzero(np.isinf(traces), axis=1).astype(np.int64)
     n_samples = traces.shape[1]
-    keep = (nan_counts + inf_counts) < n_samples if n_samples else np.ones(len(traces), dtype=bool)
+    keep = (all_nan_counts + all_inf_counts) < n_samples if n_samples else np.ones(len(traces), dtype=bool)
 
     dropped = [name for name, kept in zip(names, keep) if not kept]
-    if dropped:
-        listed = ", ".join(dropped[:MAX_LOGGED_NEURONS])
-        if len(dropped) > MAX_LOGGED_NEURONS:
-            listed += f" and {len(dropped) - MAX_LOGGED_NEURONS} more"
-        logger.warning(
-            "%s: dropped %d of %d neurons whose samples are all NaN or infinite: %s",
-            path,
-            len(dropped),
-            len(names),
-            listed,
+    affected = [name for name, n_nan, n_inf in zip(names, all_nan_counts, all_inf_counts) if n_nan or n_inf]
+    if affected:
+        handler.report(
+            nonfinite_samples_problem(str(path), names, all_nan_counts, all_inf_counts, n_samples),
+            warnings=_nonfinite_lines(path, names, keep, all_nan_counts, all_inf_counts, n_samples),
         )
 
-    kept_names = [name for name, kept in zip(names, keep) if kept]
     traces = traces[keep]
-    nan_counts, inf_counts = nan_counts[keep], inf_counts[keep]
+    nan_counts, inf_counts = all_nan_counts[keep], all_inf_counts[keep]
     traces[~np.isfinite(traces)] = np.nan
-
-    logged = 0
-    for name, n_nan, n_inf in zip(kept_names, nan_counts, inf_counts):
-        if not (n_nan or n_inf):
-            continue
-        if logged < MAX_LOGGED_NEURONS:
-            logger.warning(
-                "%s: %s has %d NaN and %d infinite samples of %d; they are kept as NaN",
-                path,
-                name,
-                n_nan,
-                n_inf,
-                n_samples,
-            )
-        logged += 1
-    if logged > MAX_LOGGED_NEURONS:
-        logger.warning("%s: %d more neurons have NaN or infinite samples", path, logged - MAX_LOGGED_NEURONS)
 
     repairs = {
         "neurons_dropped_all_nan": len(dropped),
@@ -327,3 +369,50 @@ def clean_traces(
         "inf_samples": int(inf_counts.sum()),
     }
     return keep, traces, nan_counts, inf_counts, {key: count for key, count in repairs.items() if count}
+
+
+def nonfinite_samples_problem(
+    label: str, names: Sequence[str], nan_counts: np.ndarray, inf_counts: np.ndarray, n_samples: int
+) -> Problem:
+    """Build the ``nonfinite_samples`` problem from the NaN and infinite sample counts of each neuron."""
+    affected = [name for name, n_nan, n_inf in zip(names, nan_counts, inf_counts) if n_nan or n_inf]
+    all_bad = [name for name, n_nan, n_inf in zip(names, nan_counts, inf_counts) if n_samples and n_nan + n_inf == n_samples]
+    description = (
+        f"{label}: {len(affected)} of {len(names)} neurons have NaN or infinite samples "
+        f"({int(np.sum(nan_counts))} NaN, {int(np.sum(inf_counts))} infinite; {format_ids(affected)})"
+    )
+    if all_bad:
+        description += f", and {len(all_bad)} of them have no finite sample ({format_ids(all_bad)})"
+    return Problem(
+        kind="nonfinite_samples",
+        description=description,
+        repair="neurons without a finite sample are dropped, other such samples become NaN, and windows that contain them are left out",
+        fix=f"replace them in the file, or set {setting('nonfinite_samples', 'warn')} in the recipe to leave them out",
+        neurons=list(affected),
+        count=int(np.sum(nan_counts) + np.sum(inf_counts)),
+    )
+
+
+def _nonfinite_lines(
+    path: Path,
+    names: Sequence[str],
+    keep: np.ndarray,
+    nan_counts: np.ndarray,
+    inf_counts: np.ndarray,
+    n_samples: int,
+) -> list[str]:
+    """Return the warning lines of non-finite samples: one for the dropped neurons, then one per kept neuron."""
+    lines = []
+    dropped = [name for name, kept in zip(names, keep) if not kept]
+    if dropped:
+        listed = ", ".join(dropped[:MAX_LOGGED_NEURONS])
+        if len(dropped) > MAX_LOGGED_NEURONS:
+            listed += f" and {len(dropped) - MAX_LOGGED_NEURONS} more"
+        lines.append(f"{path}: dropped {len(dropped)} of {len(names)} neurons whose samples are all NaN or infinite: {listed}")
+
+    kept = [(name, n_nan, n_inf) for name, kept, n_nan, n_inf in zip(names, keep, nan_counts, inf_counts) if kept and (n_nan or n_inf)]
+    for name, n_nan, n_inf in kept[:MAX_LOGGED_NEURONS]:
+        lines.append(f"{path}: {name} has {n_nan} NaN and {n_inf} infinite samples of {n_samples}; they are kept as NaN")
+    if len(kept) > MAX_LOGGED_NEURONS:
+        lines.append(f"{path}: {len(kept) - MAX_LOGGED_NEURONS} more neurons have NaN or infinite samples")
+    return lines

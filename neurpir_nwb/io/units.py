@@ -3,7 +3,9 @@
 Spike trains are read in bulk (the concatenated ``spike_times`` values and their
 index, split in memory) and sanitised before any other stage reads them. Region
 columns such as ``electrodes`` are read through their raw row indices, never through
-pynwb's row access, which returns DataFrames.
+pynwb's row access, which returns DataFrames. Every irregularity found on the way is
+reported to a :class:`~neurpir_nwb.io.problems.ProblemHandler`, which applies the
+recipe's raise / warn / ignore policy.
 """
 
 from __future__ import annotations
@@ -21,12 +23,24 @@ from pynwb import NWBFile
 
 from neurpir_nwb.errors import DataError, RecipeError
 from neurpir_nwb.io.nwbfile import open_nwb
+from neurpir_nwb.io.problems import UNREADABLE, Problem, ProblemHandler, format_ids, is_missing_label, setting
 from neurpir_nwb.io.recording import Recording
+from neurpir_nwb.recipe import ProblemPolicy
 
 logger = logging.getLogger(__name__)
 
 # Per-unit warnings beyond this many units are summarised in one line.
 MAX_LOGGED_UNITS = 20
+
+#: Spike times later than this, in seconds (24 h), look like milliseconds or sample indices.
+#: NOTE: a chosen bound; a longer session stored in seconds needs problems.spike_times_not_seconds: ignore.
+MAX_SESSION_S = 86_400.0
+
+#: Minimum number of spikes for "all spike times are whole numbers" to mean sample indices rather than chance.
+MIN_SPIKES_FOR_SAMPLE_CHECK = 20
+
+#: Divisors that turn each spike_times unit into seconds; samples divide by the sampling rate instead.
+SECONDS_PER_UNIT = {"s": 1.0, "ms": 1000.0}
 
 
 @dataclass(frozen=True)
@@ -68,12 +82,18 @@ def read_units(
     *,
     labels: Mapping[str, LabelSpec] | None = None,
     sort_spikes: bool = False,
+    problems: ProblemPolicy | None = None,
+    spike_times_unit: str = "s",
+    sampling_rate_hz: float | None = None,
 ) -> Recording:
     """Read the Units table of an NWB file, with sanitised spike trains, positions and labels.
 
-    Non-finite and negative spike times are dropped, and equal consecutive times are
-    kept. Each of these is logged per unit and counted in ``Recording.repairs``.
-    Units left with no spikes are kept and listed in one warning.
+    What the reader repairs, and whether it raises, warns or stays silent first, is set
+    by ``problems``. By default NaN, infinite and negative spike times are dropped,
+    equal consecutive times and units without spikes are kept, spikes outside a
+    unit's ``obs_intervals`` are dropped, each with a warning per unit, and descending
+    trains and spike times that look like sample indices or milliseconds raise.
+    Repairs are counted in ``Recording.repairs``.
 
     Parameters
     ----------
@@ -82,8 +102,15 @@ def read_units(
     labels
         Label name to the place each unit's label is read from.
     sort_spikes
-        Sort spike trains that descend, with a warning. When false, a descending
-        train raises DataError.
+        Sort spike trains that descend, with a warning: the same as
+        ``problems.descending_spike_times = "warn"``.
+    problems
+        Action per data problem; see :class:`~neurpir_nwb.recipe.ProblemPolicy`.
+    spike_times_unit
+        Unit of the stored spike times and obs_intervals: ``"s"``, ``"ms"`` or
+        ``"samples"`` (with ``sampling_rate_hz``). They are converted to seconds.
+    sampling_rate_hz
+        Sampling rate in Hz of spike times stored as sample indices.
 
     Returns
     -------
@@ -95,36 +122,87 @@ def read_units(
     SourceError
         When the file cannot be read as an NWB 2.x file.
     DataError
-        When the file has no Units table or no ``spike_times``, when an index or
-        region column is inconsistent, when a train descends and ``sort_spikes`` is
-        false, or when a label source names a missing column.
+        When the file has no Units table or no ``spike_times``, when an index is
+        inconsistent, when a label source names a missing column, or when the policy
+        raises for a data problem.
+    RecipeError
+        When ``spike_times_unit`` is unknown, or ``"samples"`` without a sampling rate.
     """
     path = Path(path)
+    handler = ProblemHandler(units_policy(problems, sort_spikes), log=logger)
+
+    with open_nwb(path, handler=handler) as (io, nwbfile):
+        return units_recording(
+            path,
+            nwbfile,
+            handler,
+            nwb_version=io.nwb_version[0] or "",
+            labels=labels,
+            spike_times_unit=spike_times_unit,
+            sampling_rate_hz=sampling_rate_hz,
+        )
+
+
+def units_policy(problems: ProblemPolicy | None, sort_spikes: bool) -> ProblemPolicy:
+    """Return the problem policy with ``sort_spikes`` applied: it turns ``descending_spike_times: raise`` into ``warn``."""
+    policy = problems if problems is not None else ProblemPolicy()
+    if sort_spikes and policy.descending_spike_times == "raise":
+        policy = policy.model_copy(update={"descending_spike_times": "warn"})
+    return policy
+
+
+def units_recording(
+    path: str | Path,
+    nwbfile: NWBFile,
+    handler: ProblemHandler,
+    *,
+    nwb_version: str = "",
+    labels: Mapping[str, LabelSpec] | None = None,
+    spike_times_unit: str = "s",
+    sampling_rate_hz: float | None = None,
+    max_spikes: int | None = None,
+) -> Recording:
+    """Build the Recording of an NWB file's Units table that pynwb has read.
+
+    This is the body of :func:`read_units`; ``neurpir-nwb inspect`` calls it with a
+    handler that collects the problems. With ``max_spikes``, only the first units
+    whose spike trains fit in that many spike times are read.
+    """
+    path = Path(str(path))
     labels = labels or {}
+    divisor = _seconds_divisor(spike_times_unit, sampling_rate_hz)
 
-    with open_nwb(path) as (io, nwbfile):
-        units = _units_table(path, nwbfile)
-        unit_ids = np.asarray(units.id.data[:], dtype=np.int64)
+    units = _units_table(path, nwbfile)
+    unit_ids = np.asarray(units.id.data[:], dtype=np.int64)
 
-        raw_trains = _read_spike_trains(path, units, unit_ids)
-        trains, repairs = _sanitise_trains(path, unit_ids, raw_trains, sort_spikes)
+    raw_trains, stored_dtype = _read_spike_trains(path, units, unit_ids, max_spikes)
+    unit_ids = unit_ids[: len(raw_trains)]
+    raw_trains = [train / divisor for train in raw_trains] if divisor != 1.0 else raw_trains
+    obs_intervals = _read_obs_intervals(path, units, unit_ids, handler)
+    if obs_intervals is not None and divisor != 1.0:
+        obs_intervals = [intervals / divisor for intervals in obs_intervals]
 
-        positions, position_source = _unit_positions(path, units, unit_ids)
-        label_values = {name: _read_label(path, units, unit_ids, name, spec) for name, spec in labels.items()}
+    trains, repairs = _sanitise_trains(
+        path,
+        unit_ids,
+        raw_trains,
+        handler,
+        integer_stored=np.issubdtype(stored_dtype, np.integer) and spike_times_unit == "s",
+        obs_intervals=obs_intervals,
+    )
 
-        version = io.nwb_version[0] or ""
-        identifier = str(nwbfile.identifier)
-        session = str(nwbfile.session_id or identifier)
-        subject = _subject_id(nwbfile)
+    positions, position_source = _unit_positions(path, units, unit_ids, handler)
+    label_values = {name: _read_label(path, units, unit_ids, name, spec, handler) for name, spec in labels.items()}
 
-    _warn_empty_units(path, unit_ids, trains)
+    identifier = str(nwbfile.identifier)
+    _report_empty_units(path, unit_ids, trains, handler)
     t_start_s, t_stop_s = _session_span_s(trains)
 
     return Recording(
         path=path,
         identifier=identifier,
-        session=session,
-        subject=subject,
+        session=str(nwbfile.session_id or identifier),
+        subject=_subject_id(nwbfile),
         table="units",
         unit_ids=unit_ids,
         rows=np.arange(len(unit_ids), dtype=np.int64),
@@ -134,9 +212,56 @@ def read_units(
         labels=label_values,
         t_start_s=t_start_s,
         t_stop_s=t_stop_s,
-        nwb_version=version,
+        nwb_version=nwb_version,
         repairs=repairs,
+        obs_intervals_s=obs_intervals,
     )
+
+
+def label_sources(nwbfile: NWBFile) -> list[str]:
+    """Return the label sources that the Units table offers: its text columns and those of linked tables.
+
+    Text columns hold one string per row. Sources are given as
+    ``units.<column>``, ``electrodes.<column>`` or ``units.<region column>.<column>``.
+    """
+    units = nwbfile.units
+    if units is None:
+        return []
+
+    sources = [f"units.{name}" for name in units.colnames if _is_text_column(units, name)]
+    for name in units.colnames:
+        values = units[name]
+        target = values.target if isinstance(values, VectorIndex) else values
+        if not isinstance(target, DynamicTableRegion):
+            continue
+        prefix = "electrodes" if name == "electrodes" else f"units.{name}"
+        sources.extend(f"{prefix}.{column}" for column in target.table.colnames if _is_text_column(target.table, column))
+    return sources
+
+
+def _is_text_column(table: DynamicTable, name: str) -> bool:
+    """Tell whether a table column contains one string per row, from its shape and its first value."""
+    values = table[name]
+    if isinstance(values, (VectorIndex, DynamicTableRegion)):
+        return False
+    data = values.data
+    if np.ndim(data) != 1 or len(data) == 0:
+        return False
+    return isinstance(data[0], (str, bytes, np.str_, np.bytes_))
+
+
+def _seconds_divisor(spike_times_unit: str, sampling_rate_hz: float | None) -> float:
+    """Return the number that divides stored spike times into seconds."""
+    if spike_times_unit in SECONDS_PER_UNIT:
+        return SECONDS_PER_UNIT[spike_times_unit]
+    if spike_times_unit == "samples":
+        if sampling_rate_hz is None or not sampling_rate_hz > 0:
+            raise RecipeError(
+                f"spike_times_unit 'samples' needs a positive sampling rate in Hz, got {sampling_rate_hz!r}; "
+                "set units.sampling_rate_hz in the recipe"
+            )
+        return float(sampling_rate_hz)
+    raise RecipeError(f"spike_times_unit {spike_times_unit!r} is invalid; use 's', 'ms' or 'samples'")
 
 
 def parse_structured_location(text: str) -> dict[str, str]:
@@ -212,10 +337,19 @@ def _check_index(path: Path, column: str, ends: np.ndarray, n_values: int, unit_
 # --- spike trains --------------------------------------------------------------
 
 
-def _read_spike_trains(path: Path, units: DynamicTable, unit_ids: np.ndarray) -> list[np.ndarray]:
-    """Read all spike trains with one read of the values and one of the index."""
+def _read_spike_trains(
+    path: Path, units: DynamicTable, unit_ids: np.ndarray, max_spikes: int | None = None
+) -> tuple[list[np.ndarray], np.dtype]:
+    """Read the spike trains with one read of the values and one of the index; return them and the stored dtype.
+
+    With ``max_spikes``, only the first units whose trains end within that many
+    values are read (at least one unit).
+    """
     if "spike_times" not in units.colnames:
-        raise DataError(f"{path}: the Units table has no spike_times column, so there are no spike trains to read")
+        raise DataError(
+            f"{path}: the Units table has no spike_times column, so there are no spike trains to read; "
+            "read the file's ROI traces or TimeSeries instead, or add spike_times to the file"
+        )
 
     index = units["spike_times"]
     if not isinstance(index, VectorIndex):
@@ -223,60 +357,247 @@ def _read_spike_trains(path: Path, units: DynamicTable, unit_ids: np.ndarray) ->
             f"{path}: the Units table's spike_times has no spike_times_index, so it cannot be split into units"
         )
 
-    times = np.asarray(index.target.data[:], dtype=np.float64)
+    dataset = index.target.data
     ends = np.asarray(index.data[:], dtype=np.int64)
-    _check_index(path, "spike_times", ends, len(times), unit_ids)
+    _check_index(path, "spike_times", ends, len(dataset), unit_ids)
+    stored_dtype = np.dtype(getattr(dataset, "dtype", np.float64))
 
-    return np.split(times, ends[:-1])
+    n_units = len(ends)
+    if max_spikes is not None and ends[-1] > max_spikes:
+        n_units = max(1, int(np.searchsorted(ends, max_spikes, side="right")))
+        ends = ends[:n_units]
+    times = np.asarray(dataset[: ends[-1]], dtype=np.float64)
+    return np.split(times, ends[:-1]), stored_dtype
+
+
+def _read_obs_intervals(
+    path: Path, units: DynamicTable, unit_ids: np.ndarray, handler: ProblemHandler
+) -> list[np.ndarray] | None:
+    """Return each unit's (n, 2) obs_intervals in the stored unit, or None when the table has none.
+
+    A unit with no intervals gets an empty (0, 2) array, which the segments treat as
+    observed throughout.
+    """
+    if "obs_intervals" not in units.colnames:
+        return None
+
+    index = units["obs_intervals"]
+    if not isinstance(index, VectorIndex):
+        raise DataError(f"{path}: the Units table's obs_intervals has no obs_intervals_index, so it cannot be split into units")
+    values = np.asarray(index.target.data[:], dtype=np.float64).reshape(-1, 2)
+    ends = np.asarray(index.data[:], dtype=np.int64)
+    _check_index(path, "obs_intervals", ends, len(values), np.asarray(units.id.data[:]))
+    intervals = np.split(values, ends[:-1])[: len(unit_ids)]
+
+    for unit_id, unit_intervals in zip(unit_ids, intervals):
+        bad = np.flatnonzero(~np.isfinite(unit_intervals).all(axis=1) | (unit_intervals[:, 1] < unit_intervals[:, 0]))
+        if bad.size:
+            start, stop = (float(value) for value in unit_intervals[bad[0]])
+            handler.report(
+                Problem(
+                    kind=UNREADABLE,
+                    description=f"{path}: obs_intervals of unit {unit_id} has the interval [{start!r}, {stop!r}] s, "
+                    "which is not finite or ends before it starts",
+                    fix="store each interval as [start, stop] with start <= stop in the file, or remove obs_intervals",
+                    neurons=[str(unit_id)],
+                    count=int(bad.size),
+                    table="units",
+                )
+            )
+    return intervals
 
 
 def _sanitise_trains(
     path: Path,
     unit_ids: np.ndarray,
     trains: list[np.ndarray],
-    sort_spikes: bool,
+    handler: ProblemHandler,
+    *,
+    integer_stored: bool = False,
+    obs_intervals: list[np.ndarray] | None = None,
 ) -> tuple[list[np.ndarray], dict[str, int]]:
-    """Drop non-finite and negative spike times, then check or sort the order of each train.
+    """Check and repair every spike train, reporting each problem to the handler.
 
-    Returns the trains and the counts of what changed, keyed ``nan_dropped`` (NaN and
-    infinite values), ``negative_dropped``, ``units_sorted`` and ``equal_times_kept``.
-    Counts that are zero are left out.
+    In order, NaN and infinite times are dropped, then negative times. Then the trains
+    are checked for sample indices or milliseconds, descending trains are sorted, and
+    equal consecutive times are counted and kept. Last, spikes outside the unit's
+    obs_intervals are dropped. Returns the trains and the counts of what changed, keyed
+    ``nan_dropped``, ``negative_dropped``, ``units_sorted``, ``equal_times_kept`` and
+    ``outside_obs_intervals_dropped``, without the counts that are zero.
+
+    Counts are kept per table row, so that units that share an id stay apart.
     """
-    # Position of every kept value in its raw train, so that errors point at the stored data.
+    # Position of every kept value in its raw train, so that messages point at the stored data.
     positions = [np.arange(len(train)) for train in trains]
 
-    trains, positions, nan_counts = _drop_spikes(trains, positions, [~np.isfinite(t) for t in trains], unit_ids)
-    _warn_per_unit(path, "dropped %d non-finite spike times (NaN or inf)", nan_counts)
+    masks = [~np.isfinite(train) for train in trains]
+    nan_counts = _count_per_row([np.count_nonzero(mask) for mask in masks])
+    if nan_counts:
+        row = next(iter(nan_counts))
+        first_index = int(np.flatnonzero(masks[row])[0])
+        handler.report(
+            _spike_problem(
+                path,
+                "nonfinite_spike_times",
+                unit_ids,
+                nan_counts,
+                "NaN or infinite spike times",
+                f"unit {unit_ids[row]} first at index {first_index}",
+                repair="they are dropped",
+                fix="remove them from the file, or set {setting} in the recipe to drop them",
+            ),
+            warnings=_per_unit_lines(path, "dropped %d non-finite spike times (NaN or inf)", unit_ids, nan_counts),
+        )
+    trains, positions = _drop_spikes(trains, positions, masks)
 
-    trains, positions, negative_counts = _drop_spikes(trains, positions, [t < 0 for t in trains], unit_ids)
-    _warn_per_unit(path, "dropped %d negative spike times, which look like sentinel values", negative_counts)
+    masks = [train < 0 for train in trains]
+    negative_counts = _count_per_row([np.count_nonzero(mask) for mask in masks])
+    if negative_counts:
+        row = next(iter(negative_counts))
+        first = int(np.flatnonzero(masks[row])[0])
+        handler.report(
+            _spike_problem(
+                path,
+                "negative_spike_times",
+                unit_ids,
+                negative_counts,
+                "negative spike times, which look like sentinel values",
+                f"unit {unit_ids[row]} has {float(trains[row][first])!r} s at index {int(positions[row][first])}",
+                repair="they are dropped",
+                fix="remove them from the file, or set {setting} in the recipe to drop them",
+            ),
+            warnings=_per_unit_lines(path, "dropped %d negative spike times, which look like sentinel values", unit_ids, negative_counts),
+        )
+    trains, positions = _drop_spikes(trains, positions, masks)
 
-    trains, sorted_counts = _ascending_trains(path, unit_ids, trains, positions, sort_spikes)
-    _warn_per_unit(path, "sorted its spike times, which descended %d times (sort_spikes is on)", sorted_counts)
+    _check_time_unit(path, unit_ids, trains, handler, integer_stored)
+    trains, sorted_counts = _ascending_trains(path, unit_ids, trains, positions, handler)
 
-    equal_counts = _count_per_unit(unit_ids, [np.count_nonzero(np.diff(t) == 0) for t in trains])
-    _warn_per_unit(path, "kept %d duplicate spike times, each equal to the time before it", equal_counts)
+    equal_counts = _count_per_row([np.count_nonzero(np.diff(train) == 0) for train in trains])
+    if equal_counts:
+        row = next(iter(equal_counts))
+        train = trains[row]
+        repeated = float(train[1:][np.diff(train) == 0][0])
+        handler.report(
+            _spike_problem(
+                path,
+                "duplicate_spike_times",
+                unit_ids,
+                equal_counts,
+                "spike times equal to the time before them",
+                f"unit {unit_ids[row]} repeats {repeated!r} s",
+                repair="they are kept",
+                fix="remove the duplicates from the file, or set {setting} in the recipe to keep them",
+            ),
+            warnings=_per_unit_lines(path, "kept %d duplicate spike times, each equal to the time before it", unit_ids, equal_counts),
+        )
+
+    outside_counts: dict[int, int] = {}
+    if obs_intervals is not None:
+        trains, outside_counts = _inside_obs_intervals(path, unit_ids, trains, obs_intervals, handler)
 
     repairs = {
         "nan_dropped": sum(nan_counts.values()),
         "negative_dropped": sum(negative_counts.values()),
         "units_sorted": len(sorted_counts),
         "equal_times_kept": sum(equal_counts.values()),
+        "outside_obs_intervals_dropped": sum(outside_counts.values()),
     }
     return trains, {key: count for key, count in repairs.items() if count}
+
+
+def _spike_problem(
+    path: Path,
+    kind: str,
+    unit_ids: np.ndarray,
+    counts: dict[int, int],
+    what: str,
+    example: str,
+    *,
+    repair: str,
+    fix: str,
+) -> Problem:
+    """Build the problem of spike times that some units have; ``counts`` maps table row to count."""
+    total = sum(counts.values())
+    ids = [int(unit_ids[row]) for row in counts]
+    if len(ids) == 1:
+        who = f"unit {ids[0]} has"
+    else:
+        who = f"{len(ids)} units (ids {format_ids(ids)}) have"
+    return Problem(
+        kind=kind,
+        description=f"{path}: {who} {total} {what} ({example})",
+        repair=repair,
+        fix=fix.format(setting=setting(kind, "warn")),
+        neurons=[str(unit_id) for unit_id in ids],
+        count=total,
+        table="units",
+    )
 
 
 def _drop_spikes(
     trains: list[np.ndarray],
     positions: list[np.ndarray],
     drop_masks: list[np.ndarray],
-    unit_ids: np.ndarray,
-) -> tuple[list[np.ndarray], list[np.ndarray], dict[int, int]]:
-    """Remove the masked spike times; return the trains, their raw positions and counts per unit."""
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Remove the masked spike times; return the trains and their raw positions."""
     kept_trains = [train[~mask] for train, mask in zip(trains, drop_masks)]
     kept_positions = [position[~mask] for position, mask in zip(positions, drop_masks)]
-    counts = _count_per_unit(unit_ids, [np.count_nonzero(mask) for mask in drop_masks])
-    return kept_trains, kept_positions, counts
+    return kept_trains, kept_positions
+
+
+def _check_time_unit(
+    path: Path, unit_ids: np.ndarray, trains: list[np.ndarray], handler: ProblemHandler, integer_stored: bool
+) -> None:
+    """Report spike times that look like sample indices (whole numbers) or milliseconds (past 24 h)."""
+    non_empty = [train for train in trains if len(train)]
+    if not non_empty:
+        return
+    times = np.concatenate(non_empty)
+    last_s = float(times.max())
+    fix = (
+        "give their unit in the recipe with units.spike_times_unit: ms, or samples together with "
+        "units.sampling_rate_hz (or store seconds in the file); set "
+        f"{setting('spike_times_not_seconds', 'warn')} to read them as seconds"
+    )
+
+    whole = bool(np.all(times == np.round(times)))
+    if whole and (integer_stored or times.size >= MIN_SPIKES_FOR_SAMPLE_CHECK):
+        ids = [int(unit_id) for unit_id, train in zip(unit_ids, trains) if len(train)]
+        stored = "are stored as integers" if integer_stored else "are all whole numbers"
+        handler.report(
+            Problem(
+                kind="spike_times_not_seconds",
+                description=(
+                    f"{path}: the {times.size} spike times of units {format_ids(ids)} {stored}, from "
+                    f"{float(times.min())!r} to {last_s!r}, so they look like sample indices rather than seconds"
+                ),
+                repair="they are read as seconds",
+                fix=fix,
+                neurons=[str(unit_id) for unit_id in ids],
+                count=int(times.size),
+                table="units",
+            )
+        )
+        return
+
+    if last_s > MAX_SESSION_S:
+        late = [int(unit_id) for unit_id, train in zip(unit_ids, trains) if len(train) and train.max() > MAX_SESSION_S]
+        handler.report(
+            Problem(
+                kind="spike_times_not_seconds",
+                description=(
+                    f"{path}: spike times of units {format_ids(late)} reach {last_s!r} s ({last_s / 3600:.1f} h), "
+                    f"later than any session of up to {MAX_SESSION_S / 3600:.0f} h, so they look like milliseconds "
+                    "or sample indices rather than seconds"
+                ),
+                repair="they are read as seconds",
+                fix=fix,
+                neurons=[str(unit_id) for unit_id in late],
+                count=len(late),
+                table="units",
+            )
+        )
 
 
 def _ascending_trains(
@@ -284,48 +605,96 @@ def _ascending_trains(
     unit_ids: np.ndarray,
     trains: list[np.ndarray],
     positions: list[np.ndarray],
-    sort_spikes: bool,
+    handler: ProblemHandler,
 ) -> tuple[list[np.ndarray], dict[int, int]]:
-    """Return the trains in ascending order and, per sorted unit, how many descents it had.
+    """Return the trains in ascending order and, per sorted table row, how many descents it had.
 
-    Raises DataError at the first descending train when ``sort_spikes`` is false.
+    The first descending train is reported with its raw index and the two times.
     """
-    ordered: list[np.ndarray] = []
-    descents_per_unit: dict[int, int] = {}
+    descents_per_row = _count_per_row([np.count_nonzero(np.diff(train) < 0) for train in trains])
+    if not descents_per_row:
+        return trains, {}
 
-    for unit_id, train, position in zip(unit_ids, trains, positions):
-        descents = np.flatnonzero(np.diff(train) < 0) + 1
-        if descents.size == 0:
-            ordered.append(train)
+    row = next(iter(descents_per_row))
+    at = int(np.flatnonzero(np.diff(trains[row]) < 0)[0]) + 1
+    index, before, after = int(positions[row][at]), float(trains[row][at - 1]), float(trains[row][at])
+    ids = [int(unit_ids[one]) for one in descents_per_row]
+    others = f" ({len(ids)} units descend: ids {format_ids(ids)})" if len(ids) > 1 else ""
+    handler.report(
+        Problem(
+            kind="descending_spike_times",
+            description=(
+                f"{path}: spike times of unit {unit_ids[row]} descend at index {index}, from {before!r} to {after!r} s, "
+                f"so they look trial-relative rather than session-relative{others}"
+            ),
+            repair="the trains are sorted",
+            fix=(
+                "Store session-relative times, or opt in to sorting with units.sort_spikes: true "
+                f"(or {setting('descending_spike_times', 'warn')}) in the recipe"
+            ),
+            neurons=[str(unit_id) for unit_id in ids],
+            count=sum(descents_per_row.values()),
+            table="units",
+        ),
+        warnings=_per_unit_lines(path, "sorted its spike times, which descended %d times", unit_ids, descents_per_row),
+    )
+
+    ordered = [np.sort(train, kind="stable") if row in descents_per_row else train for row, train in enumerate(trains)]
+    return ordered, descents_per_row
+
+
+def _inside_obs_intervals(
+    path: Path,
+    unit_ids: np.ndarray,
+    trains: list[np.ndarray],
+    obs_intervals: list[np.ndarray],
+    handler: ProblemHandler,
+) -> tuple[list[np.ndarray], dict[int, int]]:
+    """Drop the spikes outside each unit's obs_intervals; a unit with no intervals keeps all its spikes."""
+    masks = []
+    for train, intervals in zip(trains, obs_intervals):
+        if len(intervals) == 0:
+            masks.append(np.zeros(len(train), dtype=bool))
             continue
+        inside = ((train[:, None] >= intervals[None, :, 0]) & (train[:, None] <= intervals[None, :, 1])).any(axis=1)
+        masks.append(~inside)
 
-        if not sort_spikes:
-            first = int(descents[0])
-            raise DataError(
-                f"{path}: spike times of unit {unit_id} descend at index {position[first]}, "
-                f"from {float(train[first - 1])!r} to {float(train[first])!r} s, so they look trial-relative "
-                "rather than session-relative. Store session-relative times, or opt in to sorting "
-                "with sort_spikes: true in the recipe"
-            )
+    counts = _count_per_row([np.count_nonzero(mask) for mask in masks])
+    if counts:
+        row = next(iter(counts))
+        example = float(trains[row][masks[row]][0])
+        handler.report(
+            _spike_problem(
+                path,
+                "spikes_outside_obs_intervals",
+                unit_ids,
+                counts,
+                "spike times outside their obs_intervals",
+                f"unit {unit_ids[row]} has {example!r} s",
+                repair="they are dropped, and windows outside obs_intervals are left out",
+                fix="correct obs_intervals or spike_times in the file, or set {setting} in the recipe to drop them",
+            ),
+            warnings=_per_unit_lines(path, "dropped %d spike times outside its obs_intervals", unit_ids, counts),
+        )
+    return [train[~mask] for train, mask in zip(trains, masks)], counts
 
-        descents_per_unit[int(unit_id)] = int(descents.size)
-        ordered.append(np.sort(train, kind="stable"))
 
-    return ordered, descents_per_unit
-
-
-def _warn_empty_units(path: Path, unit_ids: np.ndarray, trains: list[np.ndarray]) -> None:
-    """Log one warning listing the units that have no spikes left."""
+def _report_empty_units(path: Path, unit_ids: np.ndarray, trains: list[np.ndarray], handler: ProblemHandler) -> None:
+    """Report, in one problem, the units that have no spikes left."""
     empty_ids = [int(unit_id) for unit_id, train in zip(unit_ids, trains) if len(train) == 0]
     if not empty_ids:
         return
 
-    logger.warning(
-        "%s: %d of %d units have no spike times (unit ids %s); they are kept with all-zero activity",
-        path,
-        len(empty_ids),
-        len(unit_ids),
-        _format_ids(empty_ids),
+    handler.report(
+        Problem(
+            kind="empty_units",
+            description=f"{path}: {len(empty_ids)} of {len(unit_ids)} units have no spike times (unit ids {format_ids(empty_ids)})",
+            repair="they are kept with all-zero activity",
+            fix=f"remove them from the file, or set {setting('empty_units', 'warn')} in the recipe to keep them",
+            neurons=[str(unit_id) for unit_id in empty_ids],
+            count=len(empty_ids),
+            table="units",
+        )
     )
 
 
@@ -348,7 +717,7 @@ class _Region:
     rows: list[np.ndarray]
 
 
-def _read_region(path: Path, units: DynamicTable, column: str, unit_ids: np.ndarray) -> _Region:
+def _read_region(path: Path, units: DynamicTable, column: str, unit_ids: np.ndarray, handler: ProblemHandler) -> _Region:
     """Read a region column (ragged or one row per unit) through its raw row indices."""
     if column not in units.colnames:
         raise DataError(
@@ -356,19 +725,20 @@ def _read_region(path: Path, units: DynamicTable, column: str, unit_ids: np.ndar
         )
 
     values = units[column]
+    all_ids = np.asarray(units.id.data[:], dtype=np.int64)
     if isinstance(values, VectorIndex) and isinstance(values.target, DynamicTableRegion):
         region = values.target
         flat_rows = np.asarray(region.data[:], dtype=np.int64)
         ends = np.asarray(values.data[:], dtype=np.int64)
-        _check_index(path, column, ends, len(flat_rows), unit_ids)
+        _check_index(path, column, ends, len(flat_rows), all_ids)
         rows = np.split(flat_rows, ends[:-1])
     elif isinstance(values, DynamicTableRegion):
         region = values
         flat_rows = np.asarray(region.data[:], dtype=np.int64)
-        if flat_rows.shape != unit_ids.shape:
+        if flat_rows.shape != all_ids.shape:
             raise DataError(
                 f"{path}: units column {column!r} has shape {flat_rows.shape}, expected one row index per unit "
-                f"({len(unit_ids)})"
+                f"({len(all_ids)})"
             )
         rows = [flat_rows[i : i + 1] for i in range(len(flat_rows))]
     else:
@@ -377,32 +747,52 @@ def _read_region(path: Path, units: DynamicTable, column: str, unit_ids: np.ndar
             f"use units.{column} as the label source"
         )
 
-    _check_region_rows(path, column, region.table, rows, unit_ids)
+    rows = _rows_inside(path, column, region.table, rows[: len(unit_ids)], unit_ids, handler)
     return _Region(table=region.table, rows=rows)
 
 
-def _check_region_rows(
+def _rows_inside(
     path: Path,
     column: str,
     table: DynamicTable,
     rows: list[np.ndarray],
     unit_ids: np.ndarray,
-) -> None:
-    """Raise DataError naming the first unit that links to a row outside the linked table."""
+    handler: ProblemHandler,
+) -> list[np.ndarray]:
+    """Report links to rows outside the linked table, and return each unit's rows without them."""
     n_rows = len(table)
-    for unit_id, unit_rows in zip(unit_ids, rows):
-        outside = unit_rows[(unit_rows < 0) | (unit_rows >= n_rows)]
-        if outside.size:
-            raise DataError(
-                f"{path}: unit {unit_id} links through {column!r} to row {outside[0]} of {table.name}, "
-                f"which has rows 0 to {n_rows - 1}; the file is damaged, so export or download it again"
-            )
+    outside = [(unit_rows < 0) | (unit_rows >= n_rows) for unit_rows in rows]
+    counts = _count_per_row([np.count_nonzero(mask) for mask in outside])
+    if not counts:
+        return rows
+
+    row = next(iter(counts))
+    bad_row = int(rows[row][outside[row]][0])
+    ids = [int(unit_ids[one]) for one in counts]
+    handler.report(
+        Problem(
+            kind="region_out_of_bounds",
+            description=(
+                f"{path}: unit {unit_ids[row]} links through {column!r} to row {bad_row} of {table.name}, which has rows "
+                f"0 to {n_rows - 1} ({sum(counts.values())} such links in units {format_ids(ids)})"
+            ),
+            repair="those links are dropped",
+            fix=(
+                "the file is damaged, so export or download it again, or set "
+                f"{setting('region_out_of_bounds', 'warn')} in the recipe to drop those links"
+            ),
+            neurons=[str(unit_id) for unit_id in ids],
+            count=sum(counts.values()),
+            table=f"units.{column}",
+        )
+    )
+    return [unit_rows[~mask] for unit_rows, mask in zip(rows, outside)]
 
 
 # --- positions ---------------------------------------------------------------------
 
 
-def _unit_positions(path: Path, units: DynamicTable, unit_ids: np.ndarray) -> tuple[np.ndarray, str]:
+def _unit_positions(path: Path, units: DynamicTable, unit_ids: np.ndarray, handler: ProblemHandler) -> tuple[np.ndarray, str]:
     """Return (n_units, 3) finite positions and where they came from.
 
     Tried in order: the ``unit_x/unit_y/unit_z`` columns ("unit_xyz"), the mean ``x/y/z``
@@ -411,25 +801,48 @@ def _unit_positions(path: Path, units: DynamicTable, unit_ids: np.ndarray) -> tu
     so that positions stay comparable: when any unit links to no electrode, every unit
     gets its own row.
     """
-    positions = _unit_xyz(path, units)
+    positions = _unit_xyz(path, units, len(unit_ids))
     if positions is not None:
         return positions, "unit_xyz"
 
     n_units = len(unit_ids)
     if "electrodes" not in units.colnames:
-        logger.warning(
-            "%s: units have no unit_x/y/z columns and no electrodes column, so positions are unit row numbers",
-            path,
+        warning = f"{path}: units have no unit_x/y/z columns and no electrodes column, so positions are unit row numbers"
+        handler.report(
+            Problem(
+                kind="unlinked_units",
+                description=f"{path}: the Units table has no electrodes column and no unit_x/y/z columns",
+                repair="positions are unit row numbers",
+                fix=(
+                    "add the electrodes column or unit_x/y/z to the file, or set "
+                    f"{setting('unlinked_units', 'warn')} in the recipe to use unit row numbers"
+                ),
+                neurons=[str(int(unit_id)) for unit_id in unit_ids],
+                count=n_units,
+                table="units",
+            ),
+            warnings=[warning],
         )
         return _row_positions(np.arange(n_units)), "unit_row"
 
-    region = _read_region(path, units, "electrodes", unit_ids)
+    region = _read_region(path, units, "electrodes", unit_ids, handler)
     unlinked = [int(unit_id) for unit_id, rows in zip(unit_ids, region.rows) if rows.size == 0]
     if unlinked:
-        logger.warning(
-            "%s: units %s link to no electrode, so positions of all units are unit row numbers",
-            path,
-            _format_ids(unlinked),
+        warning = f"{path}: units {format_ids(unlinked)} link to no electrode, so positions of all units are unit row numbers"
+        handler.report(
+            Problem(
+                kind="unlinked_units",
+                description=f"{path}: {len(unlinked)} of {n_units} units link to no electrode (unit ids {format_ids(unlinked)})",
+                repair="positions of all units are unit row numbers, and their electrode labels are empty",
+                fix=(
+                    "link every unit to its electrodes in the file, or set "
+                    f"{setting('unlinked_units', 'warn')} in the recipe to use unit row numbers"
+                ),
+                neurons=[str(unit_id) for unit_id in unlinked],
+                count=len(unlinked),
+                table="units",
+            ),
+            warnings=[warning],
         )
         return _row_positions(np.arange(n_units)), "unit_row"
 
@@ -445,13 +858,17 @@ def _unit_positions(path: Path, units: DynamicTable, unit_ids: np.ndarray) -> tu
     return _row_positions(np.array([rows[0] for rows in region.rows])), "electrode_row"
 
 
-def _unit_xyz(path: Path, units: DynamicTable) -> np.ndarray | None:
-    """Return the ``unit_x/unit_y/unit_z`` columns as (n_units, 3), or None when absent or not finite."""
+def _unit_xyz(path: Path, units: DynamicTable, n_units: int) -> np.ndarray | None:
+    """Return the ``unit_x/unit_y/unit_z`` columns of the first units as (n_units, 3), or None when absent or not finite."""
     names = ("unit_x", "unit_y", "unit_z")
     if not all(name in units.colnames for name in names):
         return None
 
-    positions = np.column_stack([np.asarray(units[name].data[:], dtype=np.float64) for name in names])
+    try:
+        positions = np.column_stack([np.asarray(units[name].data[:n_units], dtype=np.float64) for name in names])
+    except (TypeError, ValueError):
+        logger.warning("%s: unit_x/y/z are not numbers, so positions come from the electrodes", path)
+        return None
     if not np.isfinite(positions).all():
         logger.warning("%s: unit_x/y/z contain non-finite values, so positions come from the electrodes", path)
         return None
@@ -464,7 +881,11 @@ def _electrode_xyz(path: Path, region: _Region) -> np.ndarray | None:
     if not all(name in region.table.colnames for name in names):
         return None
 
-    electrode_xyz = np.column_stack([np.asarray(region.table[name].data[:], dtype=np.float64) for name in names])
+    try:
+        electrode_xyz = np.column_stack([np.asarray(region.table[name].data[:], dtype=np.float64) for name in names])
+    except (TypeError, ValueError):
+        logger.info("%s: electrode x/y/z are not numbers", path)
+        return None
     positions = np.array([electrode_xyz[rows].mean(axis=0) for rows in region.rows])
     if not np.isfinite(positions).all():
         logger.info("%s: electrode x/y/z contain non-finite values for some units", path)
@@ -482,10 +903,21 @@ def _row_positions(rows: np.ndarray) -> np.ndarray:
 # --- labels ----------------------------------------------------------------------------
 
 
-def _read_label(path: Path, units: DynamicTable, unit_ids: np.ndarray, name: str, spec: LabelSpec) -> np.ndarray:
-    """Return one label string per unit, ``""`` where the unit has no value."""
+def _read_label(
+    path: Path,
+    units: DynamicTable,
+    unit_ids: np.ndarray,
+    name: str,
+    spec: LabelSpec,
+    handler: ProblemHandler,
+) -> np.ndarray:
+    """Return one label string per unit, ``""`` where the unit has no value.
+
+    Missing, empty and ``unknown`` values (see :func:`~neurpir_nwb.io.problems.is_missing_label`)
+    become ``""`` and are reported as one ``missing_labels`` problem.
+    """
     if spec.region_column is None:
-        values = _column_text(path, units, spec.column)
+        values = _column_text(path, units, spec.column)[: len(unit_ids)]
     else:
         if spec.region_column not in units.colnames:
             raise DataError(
@@ -493,12 +925,34 @@ def _read_label(path: Path, units: DynamicTable, unit_ids: np.ndarray, name: str
                 f"{spec.region_column!r} column to link units to another table; "
                 "use a units.<column> source or an annotation table instead"
             )
-        region = _read_region(path, units, spec.region_column, unit_ids)
+        region = _read_region(path, units, spec.region_column, unit_ids, handler)
         table_values = _column_text(path, region.table, spec.column)
         values = [_most_common([table_values[row] for row in rows]) for rows in region.rows]
 
     if spec.field is not None:
-        values = _structured_field(path, name, spec, values)
+        values = [parse_structured_location(value).get(spec.field, "") for value in values]
+    values = ["" if is_missing_label(value) else value for value in values]
+
+    missing = [int(unit_id) for unit_id, value in zip(unit_ids, values) if not value]
+    if missing:
+        where = spec.source if spec.field is None else f"the {spec.field!r} field of {spec.source}"
+        handler.report(
+            Problem(
+                kind="missing_labels",
+                description=(
+                    f"{path}: label {name!r} is empty for {len(missing)} of {len(values)} units "
+                    f"(unit ids {format_ids(missing)}) because {where} is missing, empty or 'unknown' there"
+                ),
+                repair="they stay unlabelled; they train, and the probe leaves them out",
+                fix=(
+                    f"fill in {spec.source} in the file or give the label in an annotation table, or set "
+                    f"{setting('missing_labels', 'warn')} in the recipe to leave them unlabelled"
+                ),
+                neurons=[str(unit_id) for unit_id in missing],
+                count=len(missing),
+                table="units",
+            )
+        )
 
     return np.asarray(values, dtype=str)
 
@@ -539,31 +993,13 @@ def _to_text(value: object) -> str:
 
 
 def _most_common(values: Sequence[str]) -> str:
-    """Return the most common non-empty value; ties go to the value that comes first."""
-    counts = Counter(value for value in values if value)
+    """Return the most common value that is not missing; ties go to the value that comes first."""
+    counts = Counter(value for value in values if not is_missing_label(value))
     if not counts:
         return ""
 
     top = max(counts.values())
-    return next(value for value in values if counts[value] == top)
-
-
-def _structured_field(path: Path, name: str, spec: LabelSpec, values: list[str]) -> list[str]:
-    """Replace each structured string with the value of ``spec.field``; warn when it is missing."""
-    extracted = [parse_structured_location(value).get(spec.field, "") for value in values]
-
-    missing = sum(1 for value, field_value in zip(values, extracted) if value and not field_value)
-    if missing:
-        logger.warning(
-            "%s: label %r is empty for %d of %d units because their %s value has no %r field",
-            path,
-            name,
-            missing,
-            len(values),
-            spec.source,
-            spec.field,
-        )
-    return extracted
+    return next(value for value in values if counts.get(value) == top)
 
 
 def _parse_label_source(source: str) -> tuple[str | None, str]:
@@ -588,28 +1024,20 @@ def _parse_label_source(source: str) -> tuple[str | None, str]:
 # --- log helpers -------------------------------------------------------------------
 
 
-def _count_per_unit(unit_ids: np.ndarray, counts: Sequence[int]) -> dict[int, int]:
-    """Map unit id to count, for the units whose count is not zero."""
-    return {int(unit_id): int(count) for unit_id, count in zip(unit_ids, counts) if count}
+def _count_per_row(counts: Sequence[int]) -> dict[int, int]:
+    """Map table row to count, for the rows whose count is not zero."""
+    return {row: int(count) for row, count in enumerate(counts) if count}
 
 
-def _warn_per_unit(path: Path, message: str, counts: dict[int, int]) -> None:
-    """Log ``message % count`` for each unit, up to MAX_LOGGED_UNITS, then one summary line."""
+def _per_unit_lines(path: Path, message: str, unit_ids: np.ndarray, counts: dict[int, int]) -> list[str]:
+    """Return ``message % count`` for each unit (by table row), up to MAX_LOGGED_UNITS, then one summary line."""
     items = list(counts.items())
-    for unit_id, count in items[:MAX_LOGGED_UNITS]:
-        logger.warning("%s: unit %d: " + message, path, unit_id, count)
+    lines = [f"{path}: unit {unit_ids[row]}: " + message % count for row, count in items[:MAX_LOGGED_UNITS]]
 
     if len(items) > MAX_LOGGED_UNITS:
         rest = items[MAX_LOGGED_UNITS:]
-        logger.warning("%s: %d more units: " + message, path, len(rest), sum(count for _, count in rest))
-
-
-def _format_ids(ids: Sequence[int]) -> str:
-    """Return ids as ``"0, 2, 3"``, cut after MAX_LOGGED_UNITS with a count of the rest."""
-    shown = ", ".join(str(unit_id) for unit_id in ids[:MAX_LOGGED_UNITS])
-    if len(ids) > MAX_LOGGED_UNITS:
-        shown += f" and {len(ids) - MAX_LOGGED_UNITS} more"
-    return shown
+        lines.append(f"{path}: {len(rest)} more units: " + message % sum(count for _, count in rest))
+    return lines
 
 
 def _format_names(names: Sequence[str]) -> str:

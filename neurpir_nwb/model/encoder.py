@@ -8,12 +8,36 @@ attention across the 1 + k neurons at each time token, with a learned embedding 
 each neuron's distance bin, and attention over time within each neuron. The output
 is the mean over time of the target neuron's tokens.
 
+With ``own_embedding``, the encoder also returns the mean over time of the target's
+tokens after the temporal blocks, before any spatial attention, appended to the
+context embedding. That half depends on the target's own activity alone.
+
+Two batchings compute these embeddings:
+
+- per-target (:meth:`NeurPIREncoder.forward`, the published formulation): each
+  target arrives with copies of its k neighbours' activity, so a neuron that serves
+  as neighbour of k targets is encoded k + 1 times;
+- population (:meth:`NeurPIREncoder.forward_population`): every neuron of a
+  recording window is encoded once, and spatial attention reads each neuron's own
+  k nearest neighbours through a neighbour index. Every neuron can be a target.
+
+With at most one spatio-temporal block, both give the same embeddings. With deeper
+stacks they are two different models: per-target batching updates the neighbours'
+tokens inside each target's neighbourhood, with distance bins relative to that
+target, while population batching updates every neuron once, in its own
+neighbourhood, so the second block reads neighbours that have already attended to
+their own neighbours. Reproducing the per-target model exactly would mean running
+every block but the last once per (target, neighbour) pair, which saves only the
+temporal blocks. :attr:`EncoderConfig.batching` records which model a set of
+weights was trained as.
+
 Method: Wu, Liao, Deng, Guo, Wang, "Neuron Platonic Intrinsic Representation From
 Dynamics Using Contrastive Learning", ICLR 2025, arXiv 2502.10425.
 """
 
 import dataclasses
 import logging
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +49,9 @@ from torch import Tensor, nn
 from neurpir_nwb.model.rotary import RotaryEmbedding, apply_rotary
 
 logger = logging.getLogger(__name__)
+
+#: Formulations of a forward pass; see the module documentation.
+BATCHING_MODES = ("per-target", "population")
 
 
 @dataclass(frozen=True)
@@ -52,6 +79,15 @@ class EncoderConfig:
         Hidden width of each block's MLP as a multiple of ``dim``.
     dropout : float
         Dropout probability on attention weights and residual branches during training.
+    own_embedding : bool
+        Append to the output the mean over time of the target's tokens after the
+        temporal blocks, so the embedding has ``2 * dim`` entries: the context half
+        first, then the half that sees only the target's own activity.
+    batching : str
+        ``"per-target"`` or ``"population"``: the formulation the weights are
+        trained with. It matters only with two or more spatio-temporal layers, where
+        the two formulations differ (see the module documentation) and the encoder
+        accepts only the input of its own formulation.
     """
 
     bins_per_patch: int = 16
@@ -63,6 +99,8 @@ class EncoderConfig:
     distance_bins: int = 32
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    own_embedding: bool = False
+    batching: str = "per-target"
 
     def __post_init__(self) -> None:
         minimum_values = {
@@ -90,6 +128,11 @@ class EncoderConfig:
                 raise ValueError(f"encoder {name} must be a number, got {value!r}")
             object.__setattr__(self, name, float(value))
 
+        if not isinstance(self.own_embedding, bool):
+            raise ValueError(f"encoder own_embedding must be true or false, got {self.own_embedding!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"encoder batching must be one of {', '.join(BATCHING_MODES)}, got {self.batching!r}")
+
         if self.dim % self.heads != 0:
             raise ValueError(
                 f"encoder dim {self.dim} is not divisible by heads {self.heads}. "
@@ -107,6 +150,16 @@ class EncoderConfig:
             raise ValueError(f"encoder mlp_ratio must be positive, got {self.mlp_ratio!r}. The usual value is 4.0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"encoder dropout must be in [0, 1), got {self.dropout!r}. Use 0.0 to disable dropout")
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the embedding the encoder returns."""
+        return 2 * self.dim if self.own_embedding else self.dim
+
+    @property
+    def batchings_agree(self) -> bool:
+        """Whether per-target and population batching give the same embeddings: at most one spatio-temporal layer."""
+        return self.spatiotemporal_layers <= 1
 
     @property
     def head_dim(self) -> int:
@@ -265,6 +318,113 @@ class SpatioTemporalBlock(nn.Module):
         temporal = self.temporal(temporal)  # (batch * kept_neurons, patches, dim)
         return temporal.reshape(batch, kept_neurons, patches, dim)
 
+    def forward_population(self, x: Tensor, neighbours: Tensor, distance_bins: Tensor, rows: Tensor) -> Tensor:
+        """Update the tokens of ``rows``, each attending to itself and its own neighbours.
+
+        Row ``i`` gets the output that :meth:`forward` gives the target of a
+        neighbourhood made of neuron ``i`` and its neighbours.
+
+        Parameters
+        ----------
+        x : Tensor
+            Tokens of every neuron of the window, shape (neurons, patches, dim).
+        neighbours : Tensor
+            Long, shape (neurons, k): the row of each neighbour in ``x``, or -1 where
+            a neighbour is absent.
+        distance_bins : Tensor
+            Long, shape (neurons, k): the distance bin of each neighbour.
+        rows : Tensor
+            Long, shape (rows,): the neurons whose tokens to update.
+
+        Returns
+        -------
+        Tensor
+            Shape (rows, patches, dim).
+        """
+        member_present = torch.cat((torch.ones_like(rows[:, None], dtype=torch.bool), neighbours[rows] >= 0), dim=1)
+        members = torch.cat((rows[:, None], neighbours[rows].clamp(min=0)), dim=1)  # (rows, 1 + k)
+        member_bins = torch.cat((torch.zeros_like(rows[:, None]), distance_bins[rows]), dim=1)  # (rows, 1 + k)
+        member_bins = member_bins.masked_fill(~member_present, 0)  # (rows, 1 + k)
+
+        spatial = self._spatial_population(x, members, member_bins, member_present)  # (rows, patches, dim)
+        return self.temporal(spatial)  # (rows, patches, dim)
+
+    def _spatial_population(self, x: Tensor, members: Tensor, member_bins: Tensor, member_present: Tensor) -> Tensor:
+        """Run the spatial block for the first member of each row of ``members``, attending to all its members.
+
+        In per-target batching, the keys and values of member m come from
+        ``LayerNorm(x_m + e_b) @ W``, with e_b the embedding of m's distance bin b
+        relative to the target, so they differ per (target, member) pair. With
+        centred vectors ``xc = x - mean(x)`` and ``ec = e - mean(e)``,
+        ``LayerNorm(x + e) = (xc + ec) / s * gamma + beta``, where the scalar
+        ``s = sqrt(var(x) + var(e) + 2 mean(xc * ec) + eps)``. So
+        ``LayerNorm(x + e) @ W = ((xc * gamma) @ W + (ec * gamma) @ W) / s + beta @ W``:
+        one projection per neuron and one per distance bin, combined per pair with s.
+
+        The attention applies 1 / s to each pair's score and to its attention
+        weight instead of to the key and value vectors, one neighbour slot at a
+        time, so no (rows, patches, 1 + k, dim) tensor is built. The key offset
+        ``beta @ W`` adds the same score to every key of a query, which softmax
+        removes, and the value offset adds a constant, since the weights sum to 1.
+        scaled_dot_product_attention cannot scale each key's score, so this
+        attention is written out; it is the one place that does not use it.
+        """
+        block = self.spatial
+        norm = block.attention_norm
+        attention = block.attention
+        n_neurons, patches, dim = x.shape
+        rows, size = members.shape
+        heads, head_dim = attention.heads, attention.head_dim
+        table = self.distance_embedding.weight  # (distance_bins, dim)
+        weight_key = attention.qkv.weight[dim : 2 * dim]  # (dim, dim)
+        weight_value = attention.qkv.weight[2 * dim :]  # (dim, dim)
+
+        # 1 / s of every (neuron, patch, distance bin), in float32 whatever the autocast dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            x_centred = x.float() - x.float().mean(dim=-1, keepdim=True)  # (neurons, patches, dim)
+            table_centred = table.float() - table.float().mean(dim=-1, keepdim=True)  # (distance_bins, dim)
+            cross = x_centred @ table_centred.T / dim  # (neurons, patches, distance_bins)
+            variance = x_centred.pow(2).mean(dim=-1)[..., None] + table_centred.pow(2).mean(dim=-1) + 2 * cross
+            inverse_scale = torch.rsqrt(variance + norm.eps)  # (neurons, patches, distance_bins)
+
+        neuron_key = F.linear(x_centred * norm.weight, weight_key).view(n_neurons, patches, heads, head_dim)
+        neuron_value = F.linear(x_centred * norm.weight, weight_value).view(n_neurons, patches, heads, head_dim)
+        bin_key = F.linear(table_centred * norm.weight, weight_key).view(-1, heads, head_dim)  # (distance_bins, heads, head_dim)
+        bin_value = F.linear(table_centred * norm.weight, weight_value).view(-1, heads, head_dim)  # (distance_bins, heads, head_dim)
+        value_offset = F.linear(norm.bias, weight_value, attention.qkv.bias[2 * dim :]).view(heads, head_dim)
+
+        # The query is the row's own token with distance bin 0, as the target's in per-target batching.
+        tokens = x[members[:, 0]] + table[0]  # (rows, patches, dim)
+        query = F.linear(norm(tokens), attention.qkv.weight[:dim], attention.qkv.bias[:dim])  # (rows, patches, dim)
+        query = query.view(rows, patches, heads, head_dim) / math.sqrt(head_dim)
+        query_bin = torch.einsum("rphd,bhd->rphb", query, bin_key)  # (rows, patches, heads, distance_bins)
+
+        scores = []
+        member_scales = []
+        for slot in range(size):
+            member = members[:, slot]  # (rows,)
+            bins = member_bins[:, slot, None, None, None].expand(rows, patches, heads, 1)  # (rows, patches, heads, 1)
+            scale = inverse_scale[member, :, member_bins[:, slot]]  # (rows, patches)
+            raw = (query * neuron_key.index_select(0, member)).sum(dim=-1) + query_bin.gather(-1, bins).squeeze(-1)
+            scores.append(raw * scale[..., None])  # (rows, patches, heads)
+            member_scales.append(scale)
+        scores = torch.stack(scores, dim=-1)  # (rows, patches, heads, 1 + k)
+        scores = scores.masked_fill(~member_present[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1)  # (rows, patches, heads, 1 + k)
+        weights = F.dropout(weights, attention.dropout, self.training)
+        weights = weights * torch.stack(member_scales, dim=-1)[:, :, None, :]  # (rows, patches, heads, 1 + k)
+
+        attended = value_offset.expand(rows, patches, heads, head_dim)  # (rows, patches, heads, head_dim)
+        for slot in range(size):
+            attended = attended + weights[..., slot, None] * neuron_value.index_select(0, members[:, slot])
+        bins = member_bins[:, None, None, :].expand(rows, patches, heads, size)  # (rows, patches, heads, 1 + k)
+        bin_weights = weights.new_zeros(rows, patches, heads, table.shape[0]).scatter_add_(-1, bins, weights)
+        attended = attended + torch.einsum("rphb,bhd->rphd", bin_weights, bin_value.to(bin_weights.dtype))
+        attended = attention.out(attended.reshape(rows, patches, dim))  # (rows, patches, dim)
+
+        tokens = tokens + block.attention_dropout(attended)  # (rows, patches, dim)
+        return tokens + block.mlp(block.mlp_norm(tokens))  # (rows, patches, dim)
+
 
 class NeurPIREncoder(nn.Module):
     """Encoder of a target neuron's activity window in the context of its spatial neighbours.
@@ -294,6 +454,7 @@ class NeurPIREncoder(nn.Module):
             SpatioTemporalBlock(config) for _ in range(config.spatiotemporal_layers)
         )
         self.final_norm = nn.LayerNorm(config.dim)
+        self.own_norm = nn.LayerNorm(config.dim) if config.own_embedding else None
 
         parameters = sum(parameter.numel() for parameter in self.parameters())
         logger.debug("built NeurPIR encoder with %d parameters: %s", parameters, config.to_dict())
@@ -301,7 +462,7 @@ class NeurPIREncoder(nn.Module):
     @property
     def dim(self) -> int:
         """Size of the output embedding."""
-        return self.config.dim
+        return self.config.output_dim
 
     def _validate_inputs(self, activity: Tensor, distance_bins: Tensor, present: Tensor) -> None:
         config = self.config
@@ -351,13 +512,25 @@ class NeurPIREncoder(nn.Module):
         Returns
         -------
         Tensor
-            Shape (batch, dim): the mean over time of the target neuron's output tokens.
+            Shape (batch, dim): the mean over time of the target neuron's output
+            tokens. With ``own_embedding``, shape (batch, 2 * dim): that context
+            embedding, then the mean over time of the target's tokens after the
+            temporal blocks.
 
         Raises
         ------
         ValueError
-            When a shape or dtype does not match the configuration.
+            When a shape or dtype does not match the configuration, or when the
+            encoder is a population model with two or more spatio-temporal layers,
+            whose embeddings need every neuron of the window: use
+            :meth:`forward_population` for those.
         """
+        if self.config.batching == "population" and not self.config.batchings_agree:
+            raise ValueError(
+                f"this encoder was trained with population batching and {self.config.spatiotemporal_layers} "
+                "spatio-temporal layers, so its embeddings depend on the neighbours of neighbours, which a "
+                "per-target batch lacks. Call forward_population with every neuron of the window"
+            )
         self._validate_inputs(activity, distance_bins, present)
         batch, neurons, patches, _ = activity.shape
         dim = self.config.dim
@@ -379,11 +552,129 @@ class NeurPIREncoder(nn.Module):
         for block in self.temporal_blocks:
             temporal = block(temporal)  # (batch * neurons, patches, dim)
         x = temporal.reshape(batch, neurons, patches, dim)  # (batch, neurons, patches, dim)
+        own = x[:, 0]  # (batch, patches, dim)
 
         last = len(self.spatiotemporal_blocks) - 1
         for index, block in enumerate(self.spatiotemporal_blocks):
             # Shape (batch, neurons, patches, dim), or (batch, 1, patches, dim) after the last block.
             x = block(x, distance_bins, spatial_key_mask, target_only=index == last)
 
-        target = self.final_norm(x[:, 0])  # (batch, patches, dim)
-        return target.mean(dim=1)  # (batch, dim)
+        target = self.final_norm(x[:, 0]).mean(dim=1)  # (batch, dim)
+        if self.own_norm is None:
+            return target
+        return torch.cat((target, self.own_norm(own).mean(dim=1)), dim=1)  # (batch, 2 * dim)
+
+    def forward_population(
+        self, activity: Tensor, neighbours: Tensor, distance_bins: Tensor, targets: Tensor | None = None
+    ) -> Tensor:
+        """Embed the targets of one or more recording windows, encoding every neuron once.
+
+        Each row of ``activity`` is one neuron in one window. The temporal blocks run
+        once per row, and the spatial attention of row i reads the rows that
+        ``neighbours[i]`` names, so windows of several recordings, or several windows
+        of one recording, can share a batch as long as each row's neighbours are rows
+        of the same window.
+
+        Parameters
+        ----------
+        activity : Tensor
+            Float, shape (neurons, patches, bins_per_patch).
+        neighbours : Tensor
+            Long, shape (neurons, k): the row of each of the neuron's k nearest
+            neighbours, nearest first, or -1 where a neighbour is absent or hidden.
+        distance_bins : Tensor
+            Long, shape (neurons, k): 1 to ``distance_bins - 1`` for each neighbour;
+            ignored where the neighbour is -1.
+        targets : Tensor, optional
+            Long, shape (targets,): the rows to embed; by default every row.
+
+        Returns
+        -------
+        Tensor
+            Shape (targets, output_dim), row j for ``targets[j]``. With at most one
+            spatio-temporal layer, each row equals what :meth:`forward` returns for
+            that neuron with its neighbours' activity.
+
+        Raises
+        ------
+        ValueError
+            When a shape, dtype or row index does not match, or when the encoder is a
+            per-target model with two or more spatio-temporal layers, whose
+            embeddings this formulation does not reproduce. Indices are range-checked
+            on the CPU only; on CUDA an index out of range raises a device-side
+            assertion.
+        """
+        if self.config.batching == "per-target" and not self.config.batchings_agree:
+            raise ValueError(
+                f"this encoder was trained with per-target batching and {self.config.spatiotemporal_layers} "
+                "spatio-temporal layers, where each neighbour is updated inside its target's neighbourhood; "
+                "population batching computes a different model for such stacks. Call forward with per-target "
+                "batches, or train with model.batching: population"
+            )
+        n_neurons = activity.shape[0]
+        if targets is None:
+            targets = torch.arange(n_neurons, device=activity.device)
+        self._validate_population_inputs(activity, neighbours, distance_bins, targets)
+
+        x = self.patch_embedding(activity)  # (neurons, patches, dim)
+        for block in self.temporal_blocks:
+            x = block(x)  # (neurons, patches, dim)
+        own = x[targets]  # (targets, patches, dim)
+
+        # Blocks before the last update every row, because later blocks read them as neighbours.
+        every_row = torch.arange(n_neurons, device=activity.device)
+        last = len(self.spatiotemporal_blocks) - 1
+        for index, block in enumerate(self.spatiotemporal_blocks):
+            rows = targets if index == last else every_row
+            x = block.forward_population(x, neighbours, distance_bins, rows)  # (rows, patches, dim)
+        if last < 0:
+            x = x[targets]  # (targets, patches, dim)
+
+        target = self.final_norm(x).mean(dim=1)  # (targets, dim)
+        if self.own_norm is None:
+            return target
+        return torch.cat((target, self.own_norm(own).mean(dim=1)), dim=1)  # (targets, 2 * dim)
+
+    def _validate_population_inputs(self, activity: Tensor, neighbours: Tensor, distance_bins: Tensor, targets: Tensor) -> None:
+        config = self.config
+        expected_window = (config.patches, config.bins_per_patch)
+
+        if activity.dim() != 3 or tuple(activity.shape[1:]) != expected_window:
+            raise ValueError(
+                f"activity must have shape (neurons, {config.patches}, {config.bins_per_patch}) for population "
+                f"batching with this encoder, got {tuple(activity.shape)}"
+            )
+        if not activity.is_floating_point():
+            raise ValueError(f"activity must be a floating-point tensor, got {activity.dtype}. Convert it with .float()")
+
+        n_neurons = activity.shape[0]
+        if neighbours.dim() != 2 or neighbours.shape[0] != n_neurons:
+            raise ValueError(f"neighbours must have shape ({n_neurons}, k) to match activity, got {tuple(neighbours.shape)}")
+        if tuple(distance_bins.shape) != tuple(neighbours.shape):
+            raise ValueError(
+                f"distance_bins must have shape {tuple(neighbours.shape)} to match neighbours, got {tuple(distance_bins.shape)}"
+            )
+        for name, tensor in (("neighbours", neighbours), ("distance_bins", distance_bins), ("targets", targets)):
+            if tensor.dtype != torch.long:
+                raise ValueError(f"{name} must be a long tensor, got {tensor.dtype}. Convert it with .long()")
+        if targets.dim() != 1:
+            raise ValueError(f"targets must be a 1-D tensor of row indices, got shape {tuple(targets.shape)}")
+
+        if activity.device.type != "cpu":
+            return
+        if neighbours.numel() and (neighbours.min() < -1 or neighbours.max() >= n_neurons):
+            raise ValueError(
+                f"neighbours must hold rows 0 to {n_neurons - 1} of activity, or -1 for an absent neighbour, "
+                f"got values from {int(neighbours.min())} to {int(neighbours.max())}"
+            )
+        if targets.numel() and (targets.min() < 0 or targets.max() >= n_neurons):
+            raise ValueError(
+                f"targets must hold rows 0 to {n_neurons - 1} of activity, got values from "
+                f"{int(targets.min())} to {int(targets.max())}"
+            )
+        present = neighbours >= 0
+        if present.any() and (distance_bins[present].min() < 1 or distance_bins[present].max() >= config.distance_bins):
+            raise ValueError(
+                f"distance_bins of present neighbours must be 1 to {config.distance_bins - 1}, got values from "
+                f"{int(distance_bins[present].min())} to {int(distance_bins[present].max())}"
+            )

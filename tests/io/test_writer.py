@@ -43,7 +43,7 @@ import h5py
 from pynwb import NWBHDF5IO
 
 path = sys.argv[1]
-with NWBHDF5IO(path, "r") as io:
+with NWBHDF5IO(path, "r", load_namespaces=True) as io:
     nwbfile = io.read()
     table = nwbfile.processing["neurpir"]["embeddings"]
     region = table["unit"]
@@ -105,7 +105,7 @@ def _small_inputs(n_rows: int = 6, dim: int = 4) -> dict:
         "predicted_labels": [CLASS_NAMES[int(p.argmax())] for p in probabilities],
         "probabilities": probabilities,
         "class_names": CLASS_NAMES,
-        "attributes": dict(PROVENANCE),
+        "provenance": dict(PROVENANCE),
     }
 
 
@@ -149,7 +149,7 @@ def mtl_output(shared_data, tmp_path_factory):
         predicted_labels=labels,
         probabilities=probabilities,
         class_names=CLASS_NAMES,
-        attributes=PROVENANCE,
+        provenance=PROVENANCE,
     )
     return {
         "source": source,
@@ -182,7 +182,7 @@ def test_mtl_round_trip_in_fresh_process(mtl_output, tmp_path):
 
     rows = mtl_output["rows"]
     assert result["neurpir_nwb_imported"] is False
-    assert result["table_type"] == "DynamicTable"
+    assert result["table_type"] == "NeuronEmbeddingTable"
     assert result["n_rows"] == MTL_N_UNITS
     assert result["colnames"] == ["unit", "embedding", "predicted_label", "class_probabilities"]
     assert result["region_targets_units"] is True
@@ -206,6 +206,11 @@ def test_mtl_round_trip_in_fresh_process(mtl_output, tmp_path):
     assert attributes["class_names"] == CLASS_NAMES
     assert attributes["source_nwb_version"] == "2.4.0"
     assert attributes["output_nwb_version"] == "2.11.0"
+    assert attributes["embedding_dim"] == MTL_DIM
+    record = json.loads(attributes["provenance"])
+    assert record["recipe_sha256"] == PROVENANCE["recipe_sha256"]
+    assert record["source"]["nwb_version"] == "2.4.0"
+    assert record["output_nwb_version"] == "2.11.0"
 
 
 def test_mtl_source_unchanged(mtl_output):
@@ -289,7 +294,7 @@ def test_old_source_version_logged(shared_data, tmp_path, caplog):
         predicted_labels=None,
         probabilities=None,
         class_names=None,
-        attributes=PROVENANCE,
+        provenance=PROVENANCE,
     )
 
     version_messages = [record.getMessage() for record in caplog.records if "nwb_version" in record.getMessage()]
@@ -363,7 +368,7 @@ def test_plane_segmentation_target(tmp_path):
         predicted_labels=None,
         probabilities=None,
         class_names=None,
-        attributes=PROVENANCE,
+        provenance=PROVENANCE,
         table="/processing/ophys/PlaneSegmentation",
     )
 
@@ -424,8 +429,8 @@ def _raise_injected(*args, **kwargs):
 
 @pytest.mark.parametrize(
     ("target", "name"),
-    [(writer.NWBHDF5IO, "write"), (writer, "_store_attributes")],
-    ids=["pynwb-write", "attributes"],
+    [(writer.NWBHDF5IO, "write"), (writer, "_record_output_version")],
+    ids=["pynwb-write", "version-record"],
 )
 def test_failure_leaves_no_file(tmp_path, monkeypatch, target, name):
     source = _build_units_file(tmp_path / "source.nwb")
@@ -443,7 +448,7 @@ def test_failed_overwrite_keeps_old_output(tmp_path, monkeypatch):
     output = tmp_path / "out" / "source.nwb"
     write_embeddings_nwb(source, output, **_small_inputs())
     sha_first = _sha256(output)
-    monkeypatch.setattr(writer, "_store_attributes", _raise_injected)
+    monkeypatch.setattr(writer, "_record_output_version", _raise_injected)
 
     with pytest.raises(RuntimeError, match="injected failure"):
         write_embeddings_nwb(source, output, overwrite=True, **_small_inputs())
@@ -465,7 +470,7 @@ def test_appended_module_kept_beside_ours(shared_data, tmp_path):
         predicted_labels=["", "", ""],
         probabilities=None,
         class_names=None,
-        attributes=PROVENANCE,
+        provenance=PROVENANCE,
     )
 
     with NWBHDF5IO(output, "r") as io:
@@ -488,7 +493,7 @@ def test_source_with_neurpir_module_rejected(shared_data, tmp_path):
         predicted_labels=None,
         probabilities=None,
         class_names=None,
-        attributes=PROVENANCE,
+        provenance=PROVENANCE,
     )
     second_folder = tmp_path / "second"
 
@@ -501,7 +506,7 @@ def test_source_with_neurpir_module_rejected(shared_data, tmp_path):
             predicted_labels=None,
             probabilities=None,
             class_names=None,
-            attributes=PROVENANCE,
+            provenance=PROVENANCE,
         )
 
     assert str(first_output) in str(raised.value)
@@ -533,7 +538,7 @@ def _with_unknown_label(inputs: dict) -> dict:
 
 
 def _without_recipe_hash(inputs: dict) -> dict:
-    return _replace(inputs, attributes={"neurpir_version": "0.1.0"})
+    return _replace(inputs, provenance={"neurpir_version": "0.1.0", "model_name": "m"})
 
 
 INVALID_INPUT_CASES = [
@@ -553,8 +558,10 @@ INVALID_INPUT_CASES = [
     ("probability-above-one", lambda i: _replace(i, probabilities=np.full((6, 2), 1.5)), DataError, "outside"),
     ("duplicate-class", lambda i: _replace(i, class_names=["a", "a"], predicted_labels=["a"] * 6), ValueError, "distinct"),
     ("missing-recipe-hash", _without_recipe_hash, ValueError, "recipe_sha256"),
-    ("reserved-attribute", lambda i: _replace(i, attributes={**PROVENANCE, "colnames": "x"}), ValueError, "reserved"),
-    ("attribute-not-str", lambda i: _replace(i, attributes={**PROVENANCE, "epochs": 30}), ValueError, "Pass it as str"),
+    ("reserved-key", lambda i: _replace(i, provenance={**PROVENANCE, "embedding_dim": 3}), ValueError, "reserved"),
+    ("attribute-not-str", lambda i: _replace(i, provenance={**PROVENANCE, "model_sha256": 30}), ValueError, "Pass it as str"),
+    ("provenance-not-json", lambda i: _replace(i, provenance={**PROVENANCE, "started": object()}), ValueError, "JSON"),
+    ("source-not-mapping", lambda i: _replace(i, provenance={**PROVENANCE, "source": "DANDI"}), ValueError, "mapping"),
 ]
 
 
@@ -599,7 +606,7 @@ def test_nwb1_source_rejected(shared_data, tmp_path):
 def test_series_neurons_named_and_checked(tmp_path, shared_data):
     source = shared_data / "nwb" / "real" / "celegans_wholebrain_timeseries.nwb"
     names = ["Activity_0001", "Activity_0000"]
-    attributes = {"neurpir_version": "0.1.0", "recipe_sha256": "0" * 64}
+    provenance = {"neurpir_version": "0.1.0", "recipe_sha256": "0" * 64, "model_name": "worm"}
 
     output = write_embeddings_nwb(
         source,
@@ -609,7 +616,7 @@ def test_series_neurons_named_and_checked(tmp_path, shared_data):
         predicted_labels=None,
         probabilities=None,
         class_names=None,
-        attributes=attributes,
+        provenance=provenance,
         table="acquisition",
         series_names=names,
     )
@@ -626,7 +633,7 @@ def test_series_neurons_named_and_checked(tmp_path, shared_data):
             predicted_labels=None,
             probabilities=None,
             class_names=None,
-            attributes=attributes,
+            provenance=provenance,
             table="acquisition",
             series_names=["Activity_9999"],
         )

@@ -365,3 +365,40 @@ def test_encoder_dropout_active_only_in_training():
     torch.manual_seed(2)
     second = encoder(activity, distance_bins, present)
     assert not torch.allclose(first, second)
+
+
+def test_own_embedding_appends_a_half_that_ignores_neighbours():
+    config = dataclasses.replace(SMALL, own_embedding=True)
+    encoder = build_encoder(config)
+    activity, distance_bins, present = make_batch(batch=4, neighbours=3, config=config)
+    changed = activity.clone()
+    changed[:, 1:] = torch.poisson(torch.full_like(changed[:, 1:], 5.0))
+
+    with torch.no_grad():
+        embedding = encoder(activity, distance_bins, present)
+        with_other_neighbours = encoder(changed, distance_bins, present)
+
+    assert config.output_dim == encoder.dim == 64
+    assert embedding.shape == (4, 64)
+    # Different neighbours change the context half and leave the own half as it was.
+    assert not torch.allclose(embedding[:, :32], with_other_neighbours[:, :32])
+    torch.testing.assert_close(embedding[:, 32:], with_other_neighbours[:, 32:])
+
+
+def test_own_embedding_keeps_the_context_half_of_the_same_weights():
+    plain = build_encoder(SMALL, seed=3)
+    both = NeurPIREncoder(dataclasses.replace(SMALL, own_embedding=True)).eval()
+    missing, unexpected = both.load_state_dict(plain.state_dict(), strict=False)
+    activity, distance_bins, present = make_batch(batch=3, neighbours=2)
+
+    with torch.no_grad():
+        context = plain(activity, distance_bins, present)
+        embedding = both(activity, distance_bins, present)
+
+    assert sorted(missing) == ["own_norm.bias", "own_norm.weight"] and not unexpected
+    torch.testing.assert_close(embedding[:, :32], context)
+
+
+def test_own_embedding_must_be_a_bool():
+    with pytest.raises(ValueError, match="own_embedding"):
+        EncoderConfig(own_embedding="yes")

@@ -201,3 +201,23 @@ def test_vicreg_target_std_hinge_value():
     _, terms = VICRegLoss(eps=0.0)(z, z)
 
     assert terms["variance"].item() == pytest.approx(1.0 - math.sqrt(0.5), rel=1e-6)
+
+
+def test_projector_parts_project_each_half_on_its_own():
+    torch.manual_seed(0)
+    projector = Projector(8, [16, 4], parts=2).eval()
+    embedding = torch.randn(5, 8)
+    changed = embedding.clone()
+    changed[:, 4:] = torch.randn(5, 4)
+
+    projected = projector(embedding)
+    projected_changed = projector(changed)
+
+    assert projector.out_dim == 8 and projected.shape == (5, 8)
+    torch.testing.assert_close(projected[:, :4], projected_changed[:, :4])
+    assert not torch.allclose(projected[:, 4:], projected_changed[:, 4:])
+
+
+def test_projector_parts_must_divide_the_embedding():
+    with pytest.raises(ValueError, match="parts"):
+        Projector(9, [16], parts=2)
