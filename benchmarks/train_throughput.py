@@ -11,7 +11,7 @@ random positions in a 200 um cube, segmented like real data. Training runs the r
 :class:`~neurpir_nwb.train.Trainer` for a few steps after one warm-up step, and each
 step's two views count as two target embeddings per target. Inference runs
 :func:`~neurpir_nwb.train.embed_neurons` over the first windows of every neuron. A
-population step holds every neuron of one window; a per-target step draws
+population step contains every neuron of one window; a per-target step draws
 ``--per-target-batch`` neurons. Each measurement is repeated ``--rounds`` times,
 alternating the batchings, and the fastest round counts, because other processes on
 a shared machine slow single rounds. On a busy machine, ``--clock cpu`` measures

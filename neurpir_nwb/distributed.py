@@ -10,9 +10,9 @@ ends.
 Every rank draws the same global batch from the same seed and trains on its own
 contiguous share of it, so over an epoch each drawn window goes to exactly one rank.
 The projections of all ranks are gathered before the loss, and the projector's
-batch normalisation uses statistics of the global batch, so every rank computes the
-loss of the whole global batch: the same loss, up to floating-point rounding, as one
-process that trains on that batch.
+batch normalisation uses statistics of the global batch. So every rank computes the
+loss of the whole global batch, which equals, up to floating-point rounding, the
+loss of one process that trains on that batch.
 
 Processes start either with ``neurpir-nwb train RECIPE --nproc N`` (one machine, see
 :func:`start_local`) or with torchrun, which sets ``RANK``, ``WORLD_SIZE``,
@@ -113,7 +113,7 @@ def current() -> Session | None:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether torchrun (or another launcher that sets ``RANK`` and ``WORLD_SIZE``) started this process among several."""
+    """Return whether torchrun, or another launcher that sets ``RANK`` and ``WORLD_SIZE``, started several processes."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -220,6 +220,7 @@ def start_local(nproc: int, device_name: str, worker: Callable[..., None], worke
 
 def share_training(session: Session, payload: Any) -> None:
     """Send the training inputs from rank 0 to the other ranks, which wait in :func:`receive_training`."""
+    # NOTE: the windows travel pickled in one broadcast, so each rank needs memory for a full copy, and rank 0 for two.
     objects = [payload]
     dist.broadcast_object_list(objects, src=0, group=session.coordination)
 

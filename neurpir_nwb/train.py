@@ -13,7 +13,7 @@ Batches come in two forms, after the encoder's ``batching``:
 - population: each step draws whole recording windows, a recording and two
   training windows of it, and every trainable neuron of that recording is a target
   whose two views are its activity in the two windows. Recordings are added until
-  the step holds at least ``batch_size`` targets, and every neuron of a drawn
+  the step contains at least ``batch_size`` targets, and every neuron of a drawn
   window is encoded once.
 
 Each step first draws a global plan, the neurons and windows of the whole batch,
@@ -147,7 +147,9 @@ def resolve_device(name: str) -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """Return the autocast dtype for a precision setting, or None for plain fp32.
 
-    ``auto`` is bf16 on CUDA and fp32 on the CPU.
+    ``auto`` is bf16 on CUDA and fp32 on the CPU. On a CPU with AVX512-BF16, bf16
+    trained the published encoder size 1.4x to 1.7x faster but the default recipe's
+    encoder no faster (``benchmarks/train_throughput.py``), so the CPU default stays fp32.
     """
     if precision == "fp32":
         return None
@@ -362,6 +364,7 @@ class WindowData:
         trains at the first may train too. The targets are the trainable neurons that
         may train at both, so each draw has at least one.
         """
+        # NOTE: a step encodes whole recordings, so its memory grows with the neurons of the largest recording.
         trainable = np.zeros(self.n_neurons, dtype=bool)
         trainable[neurons] = True
         per_group = np.bincount(self.group[neurons], minlength=self.n_groups)
@@ -405,7 +408,7 @@ class WindowData:
     ) -> tuple[PopulationView, PopulationView]:
         """Gather the two views of the targets ``start`` to ``stop`` of a population plan.
 
-        Each draw that holds one of those targets contributes all neurons of its
+        Each draw that contains one of those targets contributes all neurons of its
         group as rows, so every target's neighbours are rows of the same view.
         """
         stop = plan.n_targets if stop is None else stop
@@ -448,7 +451,7 @@ class WindowData:
     def population_batches(self, batch_size: int) -> list[tuple[int, np.ndarray]]:
         """Split the valid windows into inference batches of whole groups: (group, windows) pairs.
 
-        A batch holds as many windows of one group as fit in about ``batch_size``
+        A batch contains as many windows of one group as fit in about ``batch_size``
         rows, and at least one.
         """
         batches = []
@@ -550,6 +553,8 @@ class _PairModel(nn.Module):
 
 class _DeviceFeed:
     """Copies of batches to the training device: pinned host memory and a side stream on CUDA, so copies overlap compute."""
+
+    # NOTE: the CUDA branch has not run on a GPU yet; the tests run on CPUs only.
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

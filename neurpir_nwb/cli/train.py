@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -150,6 +151,12 @@ def _run_worker_process(index: int, world_size: int, init_method: str, device: s
     if session.backend == "gloo":
         torch.set_num_threads(threads)
     _serve_training(session)
+
+    # NOTE: gloo's threads can abort a worker's interpreter shutdown ("terminate called without an active exception"), so a worker that finished leaves at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:

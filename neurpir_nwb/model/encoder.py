@@ -22,14 +22,14 @@ Two batchings compute these embeddings:
   k nearest neighbours through a neighbour index. Every neuron can be a target.
 
 With at most one spatio-temporal block, both give the same embeddings. With deeper
-stacks they are two different models: per-target batching updates the neighbours'
+stacks they are two different models. Per-target batching updates the neighbours'
 tokens inside each target's neighbourhood, with distance bins relative to that
-target, while population batching updates every neuron once, in its own
-neighbourhood, so the second block reads neighbours that have already attended to
-their own neighbours. Reproducing the per-target model exactly would mean running
-every block but the last once per (target, neighbour) pair, which saves only the
-temporal blocks. :attr:`EncoderConfig.batching` records which model a set of
-weights was trained as.
+target. Population batching updates every neuron once, in its own neighbourhood, so
+the second block reads neighbours that have already attended to their own
+neighbours. Reproducing the per-target model exactly would mean running every block
+but the last once per (target, neighbour) pair, which saves only the temporal
+blocks. :attr:`EncoderConfig.batching` records which model a set of weights was
+trained as.
 
 Method: Wu, Liao, Deng, Guo, Wang, "Neuron Platonic Intrinsic Representation From
 Dynamics Using Contrastive Learning", ICLR 2025, arXiv 2502.10425.
@@ -571,9 +571,9 @@ class NeurPIREncoder(nn.Module):
 
         Each row of ``activity`` is one neuron in one window. The temporal blocks run
         once per row, and the spatial attention of row i reads the rows that
-        ``neighbours[i]`` names, so windows of several recordings, or several windows
-        of one recording, can share a batch as long as each row's neighbours are rows
-        of the same window.
+        ``neighbours[i]`` names. Windows of several recordings, or several windows of
+        one recording, can therefore share a batch, provided that each row's
+        neighbours are rows of the same window.
 
         Parameters
         ----------

@@ -105,7 +105,7 @@ def test_population_bfloat16_close_to_float32():
     assert (similarity > 0.99).all()
 
 
-def test_deeper_population_updates_each_neuron_in_its_neighbourhood():
+def test_deep_population_uses_own_neighbourhoods():
     config = dataclasses.replace(SMALL, spatiotemporal_layers=2, batching="population")
     encoder = build_encoder(config)
     activity, neighbours, distance_bins = make_population(12, 4, config)
