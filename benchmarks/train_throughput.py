@@ -42,6 +42,7 @@ import torch
 
 from neurpir_nwb.io.recording import Recording
 from neurpir_nwb.model import EncoderConfig, NeurPIREncoder, Projector, VICRegLoss
+from neurpir_nwb.pipeline import encoder_config
 from neurpir_nwb.recipe import load_recipe
 from neurpir_nwb.segments import SegmentSettings, build_segment_set
 from neurpir_nwb.train import TrainConfig, Trainer, WindowData, embed_neurons
@@ -73,16 +74,7 @@ def published_size() -> Size:
 
 def default_size() -> Size:
     recipe = load_recipe(REPOSITORY / "recipes" / "izhikevich.yaml")
-    encoder = EncoderConfig(
-        bins_per_patch=recipe.segments.bins_per_patch,
-        patches=recipe.segments.patches,
-        dim=recipe.model.dim,
-        heads=recipe.model.heads,
-        temporal_layers=recipe.model.temporal_layers,
-        spatiotemporal_layers=recipe.model.spatiotemporal_layers,
-        distance_bins=recipe.segments.distance_bins,
-        mlp_ratio=recipe.model.mlp_ratio,
-    )
+    encoder = encoder_config(recipe)
     return Size("default", encoder, neighbours=recipe.segments.neighbours, projector=list(recipe.model.projector))
 
 
@@ -116,7 +108,7 @@ def simulated_windows(size: Size, n_neurons: int, n_windows: int, seed: int = 0)
 def build_trainer(size: Size, batching: str, batch_size: int, steps: int, precision: str, compile_model: bool) -> Trainer:
     torch.manual_seed(0)
     encoder = NeurPIREncoder(dataclasses.replace(size.encoder, batching=batching))
-    projector = Projector(encoder.config.output_dim, size.projector)
+    projector = Projector(encoder.config.output_dim, size.projector, parts=2 if encoder.config.own_embedding else 1)
     config = TrainConfig(
         epochs=1, steps_per_epoch=steps, batch_size=batch_size, lr=1e-4, device="cpu", precision=precision, compile=compile_model, checkpoint_steps=0
     )

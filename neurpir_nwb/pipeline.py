@@ -561,9 +561,9 @@ def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_di
     return segment_set
 
 
-def build_modules(recipe: Recipe) -> tuple[NeurPIREncoder, Projector, VICRegLoss]:
-    """Create the encoder, projector and loss the recipe describes."""
-    config = EncoderConfig(
+def encoder_config(recipe: Recipe) -> EncoderConfig:
+    """Return the encoder configuration that the recipe's segments and model sections describe."""
+    return EncoderConfig(
         bins_per_patch=recipe.segments.bins_per_patch,
         patches=recipe.segments.patches,
         dim=recipe.model.dim,
@@ -576,6 +576,11 @@ def build_modules(recipe: Recipe) -> tuple[NeurPIREncoder, Projector, VICRegLoss
         own_embedding=recipe.model.own_embedding,
         batching=recipe.model.batching,
     )
+
+
+def build_modules(recipe: Recipe) -> tuple[NeurPIREncoder, Projector, VICRegLoss]:
+    """Create the encoder, projector and loss the recipe describes."""
+    config = encoder_config(recipe)
     encoder = NeurPIREncoder(config)
     projector = Projector(config.output_dim, recipe.model.projector, parts=2 if config.own_embedding else 1)
     loss = VICRegLoss(

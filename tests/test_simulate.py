@@ -223,7 +223,8 @@ def test_laminar_layout_places_types_by_layer():
     assert share("IB", "L5") > 0.55
     assert share("CH", "L2/3") > 0.55
     assert 0.2 < share("FS", "L2/3") < 0.5
-    assert (animal.positions_um >= 0).all() and (animal.positions_um <= [400.0, 400.0, 800.0]).all()
+    assert (animal.positions_um >= 0).all()
+    assert (animal.positions_um <= [400.0, 400.0, 800.0]).all()
 
 
 def test_uniform_layout_ignores_type():

@@ -183,8 +183,8 @@ def check_nwb_file(path: str | Path) -> None:
 def check_nwb_root(label: str | Path, h5file: h5py.File) -> str:
     """Raise SourceError unless an open HDF5 file declares NWB 2.x in a form pynwb reads; return the version.
 
-    Rejected are NWB 1.x files and pre-release layouts (whose message says to convert
-    them first), root attributes stored as arrays (early MatNWB), and extensions whose
+    Rejected are NWB 1.x files and pre-release layouts (whose message asks the user to
+    convert them first), root attributes stored as arrays (early MatNWB), and extensions whose
     specification is neither cached in the file nor loaded in pynwb.
     """
     version = _declared_version(label, h5file)

@@ -575,8 +575,8 @@ def _checked_provenance(
 ) -> dict[str, Any]:
     """Return the full provenance record of the tables: the caller's keys plus the source's identifier, versions and classes.
 
-    The record's ``output_nwb_version`` is the version pynwb is expected to write; the
-    writer corrects it after writing if the file says otherwise.
+    The record's ``output_nwb_version`` is the version pynwb is expected to write. The
+    writer corrects it after writing when the file records another version.
     """
     missing = [name for name in REQUIRED_PROVENANCE if name not in provenance]
     if missing:

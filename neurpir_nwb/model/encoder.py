@@ -82,7 +82,7 @@ class EncoderConfig:
     own_embedding : bool
         Append to the output the mean over time of the target's tokens after the
         temporal blocks, so the embedding has ``2 * dim`` entries: the context half
-        first, then the half that sees only the target's own activity.
+        first, then the half computed from the target's own activity alone.
     batching : str
         ``"per-target"`` or ``"population"``: the formulation the weights are
         trained with. It matters only with two or more spatio-temporal layers, where

@@ -213,7 +213,8 @@ def test_projector_parts_project_each_half_on_its_own():
     projected = projector(embedding)
     projected_changed = projector(changed)
 
-    assert projector.out_dim == 8 and projected.shape == (5, 8)
+    assert projector.out_dim == 8
+    assert projected.shape == (5, 8)
     torch.testing.assert_close(projected[:, :4], projected_changed[:, :4])
     assert not torch.allclose(projected[:, 4:], projected_changed[:, 4:])
 
