@@ -23,6 +23,11 @@ Usage::
     python benchmarks/train_throughput.py                # table
     python benchmarks/train_throughput.py --json         # one JSON object
     python benchmarks/train_throughput.py --precision bf16 --steps 4
+    python benchmarks/train_throughput.py --device cuda --flops --peak-tflops 989   # as benchmarks/gpu_check.sh runs it
+
+With ``--flops``, the operations of one target embedding are counted with
+``torch.utils.flop_counter`` (matrix products and attention) in a training step and
+in inference, and multiplied by the rates into the achieved TFLOP/s.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ BIN_SIZE_S = 0.01
 
 #: The clock that rates divide by: wall time, or this process's CPU time with ``--clock cpu``.
 clock = time.perf_counter
+
+#: Device of the encoder: ``--device``.
+DEVICE = "cpu"
 
 
 @dataclasses.dataclass
@@ -110,7 +118,7 @@ def build_trainer(size: Size, batching: str, batch_size: int, steps: int, precis
     encoder = NeurPIREncoder(dataclasses.replace(size.encoder, batching=batching))
     projector = Projector(encoder.config.output_dim, size.projector, parts=2 if encoder.config.own_embedding else 1)
     config = TrainConfig(
-        epochs=1, steps_per_epoch=steps, batch_size=batch_size, lr=1e-4, device="cpu", precision=precision, compile=compile_model, checkpoint_steps=0
+        epochs=1, steps_per_epoch=steps, batch_size=batch_size, lr=1e-4, device=DEVICE, precision=precision, compile=compile_model, checkpoint_steps=0
     )
     return Trainer(encoder, projector, VICRegLoss(), config)
 
@@ -131,15 +139,36 @@ def infer_rate(data: WindowData, size: Size, batching: str, batch_size: int, n_w
     every_window = data.valid.copy()
     data.valid[:] = False
     data.valid[:, 0] = True
-    embed_neurons(encoder, data, batch_size=batch_size, device="cpu", precision=precision, batching=batching)
+    embed_neurons(encoder, data, batch_size=batch_size, device=DEVICE, precision=precision, batching=batching)
 
     data.valid[:] = False
     data.valid[:, 1 : 1 + n_windows] = True
     start = clock()
-    embed_neurons(encoder, data, batch_size=batch_size, device="cpu", precision=precision, batching=batching)
+    embed_neurons(encoder, data, batch_size=batch_size, device=DEVICE, precision=precision, batching=batching)
     seconds = clock() - start
     data.valid[:] = every_window
     return data.n_neurons * n_windows / seconds
+
+
+def flops_per_target(data: WindowData, size: Size, batching: str, batch_size: int, precision: str) -> dict[str, float]:
+    """Count the floating-point operations of one target embedding, in a training step (forward and backward) and in inference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = build_trainer(size, batching, batch_size, 1, precision, False)
+    with FlopCounterMode(display=False) as counter:
+        trainer.fit(data)
+    targets = data.n_neurons if batching == "population" else batch_size
+    train = counter.get_total_flops() / (2 * targets)
+
+    torch.manual_seed(0)
+    encoder = NeurPIREncoder(dataclasses.replace(size.encoder, batching=batching))
+    every_window = data.valid.copy()
+    data.valid[:] = False
+    data.valid[:, 0] = True
+    with FlopCounterMode(display=False) as counter:
+        embed_neurons(encoder, data, batch_size=batch_size, device=DEVICE, precision=precision, batching=batching)
+    data.valid[:] = every_window
+    return {"train_flops": train, "infer_flops": counter.get_total_flops() / data.n_neurons}
 
 
 def key(batching: str) -> str:
@@ -163,6 +192,15 @@ def measure(size: Size, arguments: argparse.Namespace) -> tuple[dict, dict]:
             infer_batch = n_neurons if batching == "population" else per_target_batch
             rate = infer_rate(data, size, batching, infer_batch, infer_windows[batching], arguments.precision)
             rates[key(batching)]["infer_per_s"] = max(rates[key(batching)]["infer_per_s"], rate)
+
+    if arguments.flops:
+        for batching in BATCHINGS:
+            batch_size = n_neurons if batching == "population" else per_target_batch
+            counts = flops_per_target(data, size, batching, batch_size, arguments.precision)
+            entry = rates[key(batching)]
+            entry.update(counts)
+            entry["train_tflops"] = entry["train_per_s"] * counts["train_flops"] / 1e12
+            entry["infer_tflops"] = entry["infer_per_s"] * counts["infer_flops"] / 1e12
 
     details = {
         "neurons_per_window": n_neurons,
@@ -201,8 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clock", choices=("wall", "cpu"), default="wall", help="divide by wall time on all threads, or by CPU time on one thread"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the encoder")
+    parser.add_argument(
+        "--flops", action="store_true", help="also count the operations of one target embedding and report the achieved TFLOP/s"
+    )
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak TFLOP/s, to report the achieved share of it")
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    global DEVICE
+    DEVICE = arguments.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available to this torch build; run on a machine with a GPU")
 
     global clock
     if arguments.clock == "cpu":
@@ -215,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in arguments.sizes:
         results[name], details[name] = measure(sizes[name](), arguments)
-    results["device"] = device_description()
+    results["device"] = torch.cuda.get_device_name(0) if DEVICE == "cuda" else device_description()
     results["threads"] = torch.get_num_threads()
 
     if arguments.json:
@@ -232,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             rate = results[name][key(batching)]
             batch = details[name]["targets_per_step"][key(batching)]
             print(f"{name:<10} {batching:<11} {rate['train_per_s']:>9.1f} {rate['infer_per_s']:>9.1f}   {batch} targets per step")
+            if arguments.flops:
+                share = ""
+                if arguments.peak_tflops:
+                    share = f" ({100 * rate['train_tflops'] / arguments.peak_tflops:.1f} % and {100 * rate['infer_tflops'] / arguments.peak_tflops:.1f} % of {arguments.peak_tflops:.0f})"
+                print(
+                    f"{'':<22} {rate['train_flops'] / 1e9:.3g} GFLOP per target in training, {rate['infer_flops'] / 1e9:.3g} in inference: "
+                    f"{rate['train_tflops']:.3f} and {rate['infer_tflops']:.3f} TFLOP/s{share}"
+                )
         speedup_train = results[name]["population"]["train_per_s"] / results[name]["per_target"]["train_per_s"]
         speedup_infer = results[name]["population"]["infer_per_s"] / results[name]["per_target"]["infer_per_s"]
         print(f"{name:<10} {'speed-up':<11} {speedup_train:>8.1f}x {speedup_infer:>8.1f}x")

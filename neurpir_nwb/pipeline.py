@@ -9,6 +9,7 @@ run directory collects what every stage produced::
       log.txt          the run's log (written by the command-line program)
       simulated/       NWB files of simulated animals, when the recipe simulates them
       segments.nc      the segment set, reused while the recipe's data part is unchanged
+                       (segments.zarr when it is kept in zarr; see segments.store)
       model/           weights, configuration, probe and provenance
       embeddings.nc    per-neuron embeddings with ids and labels
       metrics.json     probe scores, baselines, chance level and timings
@@ -67,10 +68,13 @@ from neurpir_nwb.recipe import Recipe
 from neurpir_nwb.simulate import SimulationSettings, simulate_dataset
 from neurpir_nwb.segments import (
     SegmentSettings,
+    activity_bytes,
     build_segment_set,
     build_trace_segment_set,
+    lazy_activity,
     load_segment_set,
     save_segment_set,
+    write_segment_set,
 )
 from neurpir_nwb.train import (
     TrainConfig,
@@ -539,26 +543,51 @@ def _plane_names(recording: Recording | TraceRecording) -> np.ndarray:
     return np.array([str(table).rsplit("/", 1)[-1] for table in recording.plane_tables], dtype=object)
 
 
+#: Binned activity above which ``segments.store: auto`` keeps a segment set in zarr rather than in memory.
+MEMORY_STORE_LIMIT_BYTES = 4 * 2**30
+
+
 def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_dir: Path) -> xr.Dataset:
-    """Build the segment set, or reuse the run directory's one when the data part of the recipe is unchanged."""
-    path = run_dir / "segments.nc"
+    """Build the segment set, or reuse the run directory's one when the data part of the recipe is unchanged.
+
+    A set kept in zarr (``segments.store``) is returned with its activity on disk;
+    :func:`window_data` reads it lazily.
+    """
+    settings = SegmentSettings(**recipe.segments.model_dump(exclude={"normalise", "rate_hz", "store"}))
+    settings.bin_size_s = recipe.segments.bin_width_s
+    store = segment_store(recipe, recordings, settings)
+    path = run_dir / ("segments.zarr" if store == "zarr" else "segments.nc")
     data_sha256 = recipe.data_sha256([Path(recording.path) for recording in recordings])
     if path.exists():
-        cached = load_segment_set(path)
+        cached = load_segment_set(path, lazy=store == "zarr")
         if cached.attrs.get("data_sha256") == data_sha256:
             logger.info("reusing the segment set %s: sources and segment settings are unchanged", path)
             return cached
         logger.info("rebuilding the segment set %s: sources or segment settings changed", path)
 
-    settings = SegmentSettings(**recipe.segments.model_dump(exclude={"normalise", "rate_hz"}))
-    settings.bin_size_s = recipe.segments.bin_width_s
     if recipe.modality == "ophys":
         segment_set = build_trace_segment_set(recordings, settings, normalise=recipe.segments.normalise)
+    elif store == "zarr":
+        logger.info("writing the segment set to %s one block of units at a time", path)
+        return write_segment_set(recordings, settings, path, attrs={"data_sha256": data_sha256})
     else:
         segment_set = build_segment_set(recordings, settings)
     segment_set.attrs["data_sha256"] = data_sha256
     save_segment_set(segment_set, path)
     return segment_set
+
+
+def segment_store(recipe: Recipe, recordings: list, settings: SegmentSettings) -> str:
+    """Return ``"memory"`` or ``"zarr"``: the recipe's ``segments.store``, with auto decided by the activity's size."""
+    if recipe.modality == "ophys":
+        return "memory"
+    if recipe.segments.store != "auto":
+        return recipe.segments.store
+    size = activity_bytes(recordings, settings)
+    if size > MEMORY_STORE_LIMIT_BYTES:
+        logger.info("the binned activity takes %.1f GiB, so the segment set is kept in zarr", size / 2**30)
+        return "zarr"
+    return "memory"
 
 
 def encoder_config(recipe: Recipe) -> EncoderConfig:
@@ -608,7 +637,12 @@ def window_data(recipe: Recipe, segment_set: xr.Dataset) -> WindowData:
             ", ".join(recipe.evaluate.test_subjects),
             int(len(subjects) - len(train_neurons)),
         )
-    return WindowData(segment_set, holdout_fraction=recipe.train.holdout_fraction, train_neurons=train_neurons)
+    return WindowData(
+        segment_set,
+        holdout_fraction=recipe.train.holdout_fraction,
+        train_neurons=train_neurons,
+        activity=lazy_activity(segment_set),
+    )
 
 
 def train_encoder(recipe: Recipe, data: WindowData, run_dir: Path, progress: Progress):
@@ -685,10 +719,16 @@ def build_trainer(recipe: Recipe, *, session: Any = None) -> Trainer:
     return Trainer(encoder, projector, loss, TrainConfig.from_recipe(recipe.train), session=session)
 
 
+#: Neurons whose activity is hashed at once, so that a set kept in zarr is read in pieces.
+ACTIVITY_HASH_NEURONS = 64
+
+
 def data_sha256_of(data: WindowData) -> str:
     """Return the sha256 of the training windows: activity, neighbours and which windows may train."""
     digest = hashlib.sha256()
-    for array in (data.activity, data.train_mask, data.neighbour, data.distance_bin):
+    for start in range(0, data.n_neurons, ACTIVITY_HASH_NEURONS):
+        digest.update(np.ascontiguousarray(data.activity[start : start + ACTIVITY_HASH_NEURONS]).tobytes())
+    for array in (data.train_mask, data.neighbour, data.distance_bin):
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -752,6 +792,15 @@ def probe_settings(recipe: Recipe) -> ProbeSettings:
     )
 
 
+def recording_spike_features(recording: Recording) -> np.ndarray:
+    """Return the firing-rate and ISI features of a recording's units, block by block when the trains are read in blocks."""
+    trains = recording.spike_times
+    blocks = trains.blocks() if hasattr(trains, "blocks") else [(0, trains)]
+    return np.concatenate(
+        [spike_train_features(block, recording.t_start_s, recording.t_stop_s) for _, block in blocks]
+    )
+
+
 def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording], data: WindowData, run_dir: Path) -> Evaluation:
     """Score the embeddings with a linear probe against the baseline features, and draw the figures."""
     figures = run_dir / "figures"
@@ -778,10 +827,7 @@ def evaluate(recipe: Recipe, embeddings: xr.Dataset, recordings: list[Recording]
 
     baseline_probe = None
     if all(isinstance(recording, Recording) for recording in recordings):
-        spikes = [train for recording in recordings for train in recording.spike_times]
-        starts = np.concatenate([[recording.t_start_s] * recording.n_neurons for recording in recordings])
-        stops = np.concatenate([[recording.t_stop_s] * recording.n_neurons for recording in recordings])
-        baseline_features = spike_train_features(spikes, starts, stops)
+        baseline_features = np.concatenate([recording_spike_features(recording) for recording in recordings])
         baseline_probe = run_probe(baseline_features, labels, seed=seed, groups=groups, settings=settings)
 
     pca_features = binned_activity_pca_features(data.activity, data.valid, data.trainable_neurons(), seed=seed)

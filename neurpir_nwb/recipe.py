@@ -317,6 +317,14 @@ class Segments(_Strict):
         default="zscore",
         description="Per-neuron normalisation of traces (ophys): z-score, or median and scaled MAD. Spike counts are not normalised.",
     )
+    store: Literal["auto", "memory", "zarr"] = Field(
+        default="auto",
+        description=(
+            "Where the segment set of spike trains lives: in memory (saved as segments.nc), or in a zarr folder "
+            "(segments.zarr) written one block of units at a time and read lazily in training. auto picks zarr "
+            "when the binned activity exceeds 4 GiB. Traces (ophys) stay in memory."
+        ),
+    )
 
     @property
     def bin_width_s(self) -> float:
@@ -564,6 +572,8 @@ class Recipe(_Strict):
         """
         data = self.resolved()
         part = {key: data[key] for key in ("sources", "labels", "units", "problems", "segments")}
+        # Where the set is stored does not change its contents.
+        part["segments"] = {key: value for key, value in part["segments"].items() if key != "store"}
         files = list(source_files) if source_files is not None else self.source_paths
         part["source_files"] = [_file_signature(path) for path in files + self.annotation_tables]
         return _sha256_json(part)

@@ -21,36 +21,52 @@ A segment set is an :class:`xarray.Dataset` with these variables:
 
 Coordinates along ``neuron`` carry the neuron id, the session, the subject, the
 source file, the table row, the position and every label (``label_<name>``).
+
+A segment set lives in memory, or, when it is larger than memory, in a zarr folder
+that :func:`write_segment_set` fills one block of units at a time. Training reads such
+a set's activity lazily through :class:`LazyActivity`.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from neurpir_nwb.errors import DataError, SourceError
 from neurpir_nwb.io.recording import Recording
 from neurpir_nwb.io.traces import TraceRecording
 
 __all__ = [
+    "LazyActivity",
     "SegmentSettings",
+    "activity_bytes",
     "bin_spike_trains",
     "build_segment_set",
     "build_trace_segment_set",
     "save_segment_set",
     "load_segment_set",
+    "lazy_activity",
     "neighbour_indices",
+    "write_segment_set",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Attributes of a segment set that a model needs to segment new files the same way.
 SETTING_ATTRS = ("bin_size_s", "bins_per_patch", "patches", "neighbours", "distance_bins")
+
+#: Memory for the spike counts of one block of units while binning: 256 MiB, at 12 bytes per bin (the float32 counts and a float64 copy).
+BIN_BLOCK_BYTES = 256 * 2**20
+
+#: Neurons and windows per zarr chunk of ``activity``: 16 x 8 windows of 16 x 16 bins is 128 KiB.
+ZARR_CHUNK_NEURONS = 16
+ZARR_CHUNK_WINDOWS = 8
 
 
 class SegmentSettings:
@@ -90,11 +106,12 @@ class SegmentSettings:
 def bin_spike_trains(
     spike_times: Sequence[np.ndarray], t_start_s: float, n_bins: int, bin_size_s: float
 ) -> np.ndarray:
-    """Count spikes per bin for every neuron at once.
+    """Count spikes per bin for every neuron, vectorised over the spikes of many neurons at once.
 
     Bin ``j`` covers ``[t_start_s + j * bin_size_s, t_start_s + (j + 1) * bin_size_s)``.
     The counting makes no assumption about the order of the spike times, and spikes
-    outside the binned span are left out.
+    outside the binned span are left out. Neurons are counted in groups of about
+    :data:`BIN_GROUP_SPIKES` spikes, so that the temporary arrays stay small.
 
     Returns
     -------
@@ -102,19 +119,44 @@ def bin_spike_trains(
         (n_neurons, n_bins) float32 spike counts.
     """
     n_neurons = len(spike_times)
+    counts = np.zeros((n_neurons, n_bins), dtype=np.float32)
     lengths = np.array([len(train) for train in spike_times], dtype=np.int64)
     if n_neurons == 0 or lengths.sum() == 0:
-        return np.zeros((n_neurons, n_bins), dtype=np.float32)
+        return counts
 
-    # One pass over all spikes of all neurons: a flat index neuron * n_bins + bin.
+    ends = np.cumsum(lengths)
+    start = 0
+    while start < n_neurons:
+        first_spike = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, first_spike + BIN_GROUP_SPIKES, side="right")))
+        _count_group(spike_times[start:stop], lengths[start:stop], t_start_s, bin_size_s, counts[start:stop])
+        start = stop
+    return counts
+
+
+#: Spike times counted in one vectorised pass of :func:`bin_spike_trains`.
+BIN_GROUP_SPIKES = 1_000_000
+
+
+def _count_group(
+    spike_times: Sequence[np.ndarray], lengths: np.ndarray, t_start_s: float, bin_size_s: float, out: np.ndarray
+) -> None:
+    """Add the spike counts of some neurons to ``out``, (their neurons, n_bins), in one pass over their spikes."""
+    n_neurons, n_bins = out.shape
     times = np.concatenate([np.asarray(train, dtype=np.float64) for train in spike_times])
-    neuron = np.repeat(np.arange(n_neurons), lengths)
+    neuron = np.repeat(np.arange(n_neurons, dtype=np.int64), lengths)
     bins = np.floor((times - t_start_s) / bin_size_s)
     inside = np.isfinite(bins) & (bins >= 0) & (bins < n_bins)
     flat = neuron[inside] * n_bins + bins[inside].astype(np.int64)
+    if flat.size == 0:
+        return
 
-    counts = np.bincount(flat, minlength=n_neurons * n_bins)
-    return counts.reshape(n_neurons, n_bins).astype(np.float32)
+    # Ascending trains give ascending flat indices, so equal indices form runs whose
+    # lengths are the counts; this avoids an int64 array of every bin.
+    if flat.size > 1 and np.any(flat[1:] < flat[:-1]):
+        flat.sort()
+    starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
+    out.reshape(-1)[flat[starts]] = np.diff(np.append(starts, flat.size))
 
 
 def neighbour_indices(positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -193,23 +235,125 @@ def build_segment_set(
     if not recordings:
         raise SourceError("no recordings to segment; give at least one source file in the recipe")
 
-    parts = [_segment_recording(recording, settings) for recording in recordings]
-    return _stack_parts(recordings, parts, settings, edges, coords=_neuron_coords(recordings))
+    layouts = [_recording_layout(recording, settings) for recording in recordings]
+    n_windows = max(layout["n_windows"] for layout in layouts)
+
+    activity = np.full((sum(r.n_neurons for r in recordings), n_windows, settings.patches, settings.bins_per_patch), np.nan, dtype=np.float32)
+    offset = 0
+    for recording, layout in zip(recordings, layouts):
+        for start, stop, counts in _binned_blocks(recording, layout["n_windows"], settings):
+            activity[offset + start : offset + stop, : layout["n_windows"]] = counts
+        offset += recording.n_neurons
+
+    dataset = _stack_layouts(recordings, layouts, settings, edges, coords=_neuron_coords(recordings))
+    dataset["activity"] = (("neuron", "window", "patch", "bin"), activity, {"units": "spikes/bin"})
+    _log_segment_set(dataset, len(recordings), settings)
+    return dataset
 
 
-def _stack_parts(recordings, parts: list[dict], settings: SegmentSettings, edges: np.ndarray | None, *, coords: dict) -> xr.Dataset:
-    """Pad every recording's windows to the longest one, stack them along `neuron` and bin the neighbour distances."""
-    n_windows = max(part["activity"].shape[1] for part in parts)
-    activity = np.concatenate([_pad(part["activity"], n_windows, np.nan) for part in parts])
-    valid = np.concatenate([_pad(part["valid"], n_windows, False) for part in parts])
-    window_start = np.concatenate([_pad(part["window_start_s"], n_windows, np.nan) for part in parts])
+def write_segment_set(
+    recordings: Sequence[Recording],
+    settings: SegmentSettings,
+    path: str | Path,
+    *,
+    edges: np.ndarray | None = None,
+    attrs: dict | None = None,
+) -> xr.Dataset:
+    """Segment the recordings into a zarr folder one block of units at a time, and open it lazily.
+
+    The result equals :func:`build_segment_set`'s, but memory holds only the spike
+    trains and counts of one block of units (see :data:`BIN_BLOCK_BYTES` and
+    :data:`~neurpir_nwb.io.units.CHUNK_SPIKES`), so sets larger than memory can be
+    built. The folder is written under a temporary name and renamed when complete.
+
+    Parameters
+    ----------
+    recordings, settings, edges
+        As for :func:`build_segment_set`.
+    path
+        The ``.zarr`` folder to write; an earlier one is replaced.
+    attrs
+        Extra attributes of the set, such as the sha256 of its sources.
+
+    Returns
+    -------
+    xarray.Dataset
+        The set, opened with :func:`load_segment_set` ``(path, lazy=True)``.
+    """
+    path = Path(path)
+    if path.suffix != ".zarr":
+        raise ValueError(f"write_segment_set writes zarr folders; give a .zarr path, not {path}")
+    if not recordings:
+        raise SourceError("no recordings to segment; give at least one source file in the recipe")
+
+    layouts = [_recording_layout(recording, settings) for recording in recordings]
+    n_windows = max(layout["n_windows"] for layout in layouts)
+    dataset = _stack_layouts(recordings, layouts, settings, edges, coords=_neuron_coords(recordings))
+    dataset.attrs.update(attrs or {})
+
+    # The small variables go first through xarray; the activity array is then filled block by block.
+    temporary = path.with_name(f".{path.name}.partial")
+    _remove(temporary)
+    dataset.to_zarr(temporary, mode="w", consolidated=False)
+    group = zarr.open_group(temporary, mode="r+")
+    shape = (dataset.sizes["neuron"], n_windows, settings.patches, settings.bins_per_patch)
+    dimensions = ("neuron", "window", "patch", "bin")
+    array_attrs: dict = {"units": "spikes/bin"}
+    extra: dict = {"dimension_names": dimensions}
+    if group.metadata.zarr_format == 2:
+        array_attrs["_ARRAY_DIMENSIONS"] = list(dimensions)
+        extra = {}
+    activity = group.create_array(
+        "activity",
+        shape=shape,
+        chunks=(ZARR_CHUNK_NEURONS, ZARR_CHUNK_WINDOWS, settings.patches, settings.bins_per_patch),
+        dtype="float32",
+        fill_value=np.nan,
+        attributes=array_attrs,
+        **extra,
+    )
+
+    offset = 0
+    for recording, layout in zip(recordings, layouts):
+        for start, stop, counts in _binned_blocks(recording, layout["n_windows"], settings, align=ZARR_CHUNK_NEURONS):
+            activity[offset + start : offset + stop, : layout["n_windows"]] = counts
+        offset += recording.n_neurons
+        logger.info("%s: %d units binned into %s", recording.path, recording.n_neurons, path.name)
+
+    _remove(path)
+    temporary.rename(path)
+    dataset = load_segment_set(path, lazy=True)
+    _log_segment_set(dataset, len(recordings), settings)
+    return dataset
+
+
+def activity_bytes(recordings: Sequence[Recording], settings: SegmentSettings) -> int:
+    """Return the bytes of the float32 ``activity`` array that segmenting the recordings gives."""
+    windows = [
+        int(np.floor((recording.t_stop_s - recording.t_start_s) / settings.window_s + 1e-9))
+        if np.isfinite(recording.t_stop_s - recording.t_start_s)
+        else 0
+        for recording in recordings
+    ]
+    n_neurons = sum(recording.n_neurons for recording in recordings)
+    return 4 * n_neurons * max(windows, default=0) * settings.window_bins
+
+
+def _stack_layouts(recordings, layouts: list[dict], settings: SegmentSettings, edges: np.ndarray | None, *, coords: dict) -> xr.Dataset:
+    """Pad every recording's windows to the longest one, stack them along `neuron` and bin the neighbour distances.
+
+    The result holds every variable but ``activity``.
+    """
+    n_windows = max(layout["n_windows"] for layout in layouts)
+    valid = np.concatenate([_pad(layout["valid"], n_windows, False) for layout in layouts])
+    window_start = np.concatenate([_pad(layout["window_start_s"], n_windows, np.nan) for layout in layouts])
 
     # Neighbour indices are local to each recording; shift them to the stacked `neuron` axis.
     offsets = np.cumsum([0] + [recording.n_neurons for recording in recordings[:-1]])
     neighbour = np.concatenate(
-        [np.where(part["neighbour"] >= 0, part["neighbour"] + offset, -1) for part, offset in zip(parts, offsets)]
+        [np.where(layout["neighbour"] >= 0, layout["neighbour"] + offset, -1) for layout, offset in zip(layouts, offsets)]
     )
-    distance = np.concatenate([part["distance"] for part in parts])
+    distance = np.concatenate([layout["distance"] for layout in layouts])
     if edges is None:
         edges = distance_bin_edges(distance, settings.distance_bins)
         distinct = np.unique(np.asarray(edges))
@@ -223,9 +367,8 @@ def _stack_parts(recordings, parts: list[dict], settings: SegmentSettings, edges
             )
     distance_bin = assign_distance_bins(distance, np.asarray(edges, dtype=np.float64), settings.distance_bins)
 
-    dataset = xr.Dataset(
+    return xr.Dataset(
         data_vars={
-            "activity": (("neuron", "window", "patch", "bin"), activity, {"units": "spikes/bin"}),
             "valid": (("neuron", "window"), valid),
             "window_start_s": (("neuron", "window"), window_start, {"units": "s"}),
             "neighbour": (("neuron", "neighbour_rank"), neighbour),
@@ -242,26 +385,27 @@ def _stack_parts(recordings, parts: list[dict], settings: SegmentSettings, edges
         },
     )
 
+
+def _log_segment_set(dataset: xr.Dataset, n_recordings: int, settings: SegmentSettings) -> None:
     logger.info(
         "segment set: %d neurons from %d recordings, %d windows of %.2f s (%d patches x %d bins of %.3f s), %d neighbours",
         dataset.sizes["neuron"],
-        len(recordings),
-        int(valid.sum()),
+        n_recordings,
+        int(dataset["valid"].values.sum()),
         settings.window_s,
         settings.patches,
         settings.bins_per_patch,
         settings.bin_size_s,
         settings.neighbours,
     )
-    return dataset
 
 
 #: Most windows of one recording: 10 million windows of 1 s would span 116 days.
 MAX_WINDOWS_PER_RECORDING = 10_000_000
 
 
-def _segment_recording(recording: Recording, settings: SegmentSettings) -> dict[str, np.ndarray]:
-    """Bin one recording and cut it into whole windows from the first spike on."""
+def _recording_layout(recording: Recording, settings: SegmentSettings) -> dict:
+    """Return the windows of one recording, whole windows from the first spike on, and each neuron's neighbours."""
     span_s = recording.t_stop_s - recording.t_start_s
     if not np.isfinite(span_s) or span_s / settings.window_s > MAX_WINDOWS_PER_RECORDING:
         raise DataError(
@@ -277,19 +421,38 @@ def _segment_recording(recording: Recording, settings: SegmentSettings) -> dict[
             "lower segments.bin_size_s, bins_per_patch or patches in the recipe"
         )
 
-    n_bins = n_windows * settings.window_bins
-    counts = bin_spike_trains(recording.spike_times, recording.t_start_s, n_bins, settings.bin_size_s)
-    activity = counts.reshape(recording.n_neurons, n_windows, settings.patches, settings.bins_per_patch)
-
     window_start = recording.t_start_s + settings.window_s * np.arange(n_windows)
     neighbour, distance = neighbour_indices(recording.positions, settings.neighbours)
     return {
-        "activity": activity,
+        "n_windows": n_windows,
         "valid": _observed_windows(recording, window_start, settings.window_s),
         "window_start_s": np.broadcast_to(window_start, (recording.n_neurons, n_windows)).copy(),
         "neighbour": neighbour,
         "distance": distance,
     }
+
+
+def _binned_blocks(
+    recording: Recording, n_windows: int, settings: SegmentSettings, align: int = 1
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield the rows ``start`` and ``stop`` of each block of units and its (units, windows, patches, bins) spike counts.
+
+    A block holds at most :data:`BIN_BLOCK_BYTES` of counts (and a float64 copy while
+    binning), and at least ``align`` units, a multiple of which it holds where it
+    can. Spike trains that a :class:`~neurpir_nwb.io.units.SpikeTrainBlocks` reads from
+    the file come in its own blocks, cut further where needed.
+    """
+    n_bins = n_windows * settings.window_bins
+    max_units = max(align, BIN_BLOCK_BYTES // (12 * n_bins) // align * align)
+    trains = recording.spike_times
+    if hasattr(trains, "blocks"):
+        blocks = trains.blocks(max_units=max_units, align=align)
+    else:
+        blocks = ((start, trains[start : start + max_units]) for start in range(0, recording.n_neurons, max_units))
+
+    for start, block in blocks:
+        counts = bin_spike_trains(block, recording.t_start_s, n_bins, settings.bin_size_s)
+        yield start, start + len(block), counts.reshape(len(block), n_windows, settings.patches, settings.bins_per_patch)
 
 
 def _observed_windows(recording: Recording, window_start_s: np.ndarray, window_s: float) -> np.ndarray:
@@ -380,16 +543,102 @@ def save_segment_set(dataset: xr.Dataset, path: str | Path) -> Path:
     return path
 
 
-def load_segment_set(path: str | Path) -> xr.Dataset:
-    """Read a segment set written by :func:`save_segment_set` into memory."""
+def load_segment_set(path: str | Path, *, lazy: bool = False) -> xr.Dataset:
+    """Read a segment set written by :func:`save_segment_set` or :func:`write_segment_set`.
+
+    By default every variable is read into memory. With ``lazy``, a zarr set's
+    ``activity`` stays on disk, to be read through :class:`LazyActivity`, and the
+    smaller variables are read into memory.
+    """
     path = Path(path)
     if not path.exists():
         raise SourceError(f"segment set {path} not found")
     if path.suffix == ".zarr":
-        with xr.open_zarr(path, consolidated=False) as dataset:
-            return dataset.load()
+        dataset = xr.open_zarr(path, consolidated=False, chunks=None)
+        if not lazy:
+            return _object_strings(dataset.load())
+        small = [name for name in dataset.variables if name != "activity"]
+        for name in small:
+            dataset[name].load()
+        dataset = _object_strings(dataset)
+        dataset.encoding["lazy_activity"] = str(path)
+        return dataset
     with xr.open_dataset(path, engine="h5netcdf") as dataset:
         return dataset.load()
+
+
+def _object_strings(dataset: xr.Dataset) -> xr.Dataset:
+    """Turn the variable-width strings that zarr gives back into object arrays of str, as netCDF and the builders give."""
+    for name, variable in dataset.variables.items():
+        if variable.dtype.kind == "T":
+            dataset[name] = variable.copy(data=np.asarray(variable.values, dtype=object))
+    return dataset
+
+
+def lazy_activity(dataset: xr.Dataset) -> LazyActivity | None:
+    """Return the on-disk activity of a set that :func:`load_segment_set` opened lazily, else None."""
+    path = dataset.encoding.get("lazy_activity")
+    if path is None:
+        return None
+    return LazyActivity(path, transform=dataset.attrs.get("activity_transform"))
+
+
+class LazyActivity:
+    """The ``activity`` of a zarr segment set, read from disk for the neurons and windows a batch needs.
+
+    Indexing with a neuron index and a window index, integers or arrays that
+    broadcast against each other, returns the transformed activity of those
+    (neuron, window) pairs, as the in-memory array of
+    :class:`~neurpir_nwb.train.WindowData` gives it: ``log1p`` of the counts when the
+    set says so, and zeros in place of NaN. A slice of neurons returns all their
+    windows.
+
+    Parameters
+    ----------
+    path
+        The segment set's ``.zarr`` folder.
+    transform
+        ``"log1p"``, or None for the stored values.
+
+    NOTE: reads are not prefetched. A per-target step of 64 targets with 8
+    neighbours reads about 1,000 chunks, about 0.3 s on 2 CPU cores; population
+    batching reads fewer.
+    """
+
+    def __init__(self, path: str | Path, transform: str | None = None) -> None:
+        self.path = Path(path)
+        self.array = zarr.open_array(self.path / "activity", mode="r")
+        self.transform = transform
+        self.shape = tuple(self.array.shape)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            return self._prepared(np.asarray(self.array[key]))
+        neurons, windows = key
+        neurons, windows = np.broadcast_arrays(np.asarray(neurons, dtype=np.int64), np.asarray(windows, dtype=np.int64))
+        patches, bins = self.shape[2:]
+
+        # One coordinate selection reads every chunk the pairs touch, in parallel.
+        selection = (
+            neurons[..., None, None],
+            windows[..., None, None],
+            np.arange(patches)[:, None],
+            np.arange(bins)[None, :],
+        )
+        if neurons.size == 0:
+            return np.zeros((*neurons.shape, patches, bins), dtype=np.float32)
+        return self._prepared(np.asarray(self.array.vindex[selection]))
+
+    def _prepared(self, values: np.ndarray) -> np.ndarray:
+        values = values.astype(np.float32, copy=False)
+        if self.transform == "log1p":
+            values = np.log1p(values)
+        return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _remove(path: Path) -> None:
@@ -495,6 +744,7 @@ def build_trace_segment_set(
         neighbour, distance = neighbour_indices(recording.positions, settings.neighbours)
         parts.append(
             {
+                "n_windows": n_windows,
                 "activity": activity,
                 "valid": valid,
                 "window_start_s": np.broadcast_to(window_start, valid.shape).copy(),
@@ -505,8 +755,11 @@ def build_trace_segment_set(
             }
         )
 
-    dataset = _stack_parts(recordings, parts, settings, edges, coords=_trace_coords(recordings, parts))
-    dataset["activity"].attrs["units"] = f"{normalise}-normalised trace"
+    n_windows = max(part["n_windows"] for part in parts)
+    activity = np.concatenate([_pad(part["activity"], n_windows, np.nan) for part in parts])
+    dataset = _stack_layouts(recordings, parts, settings, edges, coords=_trace_coords(recordings, parts))
+    dataset["activity"] = (("neuron", "window", "patch", "bin"), activity, {"units": f"{normalise}-normalised trace"})
+    _log_segment_set(dataset, len(recordings), settings)
     dataset.attrs.update({"modality": "ophys", "activity_transform": "none", "normalise": normalise, "rate_hz": rate_hz})
     return dataset
 

@@ -56,6 +56,7 @@ def write_units_nwb(
     electrode_xyz: Sequence[Sequence[float]] | None = None,
     unit_electrodes: Sequence[Sequence[int]] | None = None,
     unit_columns: Mapping[str, Sequence[object]] | None = None,
+    obs_intervals: Sequence[Sequence[Sequence[float]]] | None = None,
 ) -> Path:
     """Write an NWB file with a Units table and, optionally, an electrodes table.
 
@@ -81,6 +82,8 @@ def write_units_nwb(
         an empty sequence links a unit to none.
     unit_columns
         Extra units columns, column name to one value per unit.
+    obs_intervals
+        Per unit, its observed intervals as [start, stop] pairs in seconds.
 
     Returns
     -------
@@ -104,6 +107,8 @@ def write_units_nwb(
         _check_length(name, values, n_units, "unit")
     if unit_electrodes is not None:
         _check_length("unit_electrodes", unit_electrodes, n_units, "unit")
+    if obs_intervals is not None:
+        _check_length("obs_intervals", obs_intervals, n_units, "unit")
 
     nwbfile = NWBFile(
         session_description="units written by neurpir_nwb.testing",
@@ -125,6 +130,8 @@ def write_units_nwb(
         columns = {name: values[row] for name, values in unit_columns.items()}
         if unit_electrodes is not None:
             columns["electrodes"] = list(unit_electrodes[row])
+        if obs_intervals is not None:
+            columns["obs_intervals"] = np.asarray(obs_intervals[row], dtype=np.float64).reshape(-1, 2)
         nwbfile.add_unit(id=row, spike_times=np.asarray(train, dtype=np.float64), **columns)
 
     with NWBHDF5IO(str(path), "w") as io:

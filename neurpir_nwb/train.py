@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from neurpir_nwb.errors import TrainingError
 from neurpir_nwb.model import NeurPIREncoder, Projector, VICRegLoss
+from neurpir_nwb.segments import LazyActivity
 
 __all__ = [
     "PairPlan",
@@ -222,6 +223,9 @@ class WindowData:
         Indices of the neurons training may draw; by default all. The others are
         still embedded, and may still appear as neighbours of a training neuron only
         when they belong to its recording.
+    activity
+        The set's activity read lazily from a zarr segment set, in place of the
+        in-memory ``activity`` variable; see :func:`neurpir_nwb.segments.write_segment_set`.
 
     Notes
     -----
@@ -230,16 +234,26 @@ class WindowData:
     them has as neighbour, so that each group contains all neighbours of its members.
     """
 
-    def __init__(self, dataset: xr.Dataset, *, holdout_fraction: float = 0.0, train_neurons: np.ndarray | None = None):
+    def __init__(
+        self,
+        dataset: xr.Dataset,
+        *,
+        holdout_fraction: float = 0.0,
+        train_neurons: np.ndarray | None = None,
+        activity: LazyActivity | None = None,
+    ):
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
 
-        activity = dataset["activity"].values.astype(np.float32)
-        if dataset.attrs.get("activity_transform") == "log1p":
-            activity = np.log1p(activity)
-
         # (neuron, window, patch, bin); invalid windows are NaN in the set and zero here.
-        self.activity = np.nan_to_num(activity, nan=0.0, posinf=0.0, neginf=0.0)
+        self.activity: np.ndarray | LazyActivity
+        if activity is not None:
+            self.activity = activity
+        else:
+            values = dataset["activity"].values.astype(np.float32)
+            if dataset.attrs.get("activity_transform") == "log1p":
+                values = np.log1p(values)
+            self.activity = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         self.valid = dataset["valid"].values.astype(bool)
         self.neighbour = dataset["neighbour"].values.astype(np.int64)
         self.distance_bin = dataset["distance_bin"].values.astype(np.int64)

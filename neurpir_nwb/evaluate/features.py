@@ -191,6 +191,13 @@ def _validate_isi_range(isi_bins: int, isi_range_s: tuple[float, float]) -> tupl
     return low_s, high_s
 
 
+#: Maximum number of windows that the PCA baseline is fitted on; beyond it, windows are drawn at random.
+MAX_PCA_FIT_WINDOWS = 200_000
+
+#: Neurons whose windows the PCA baseline projects at once.
+PCA_BLOCK_NEURONS = 256
+
+
 def binned_activity_pca(
     activity: np.ndarray,
     valid: np.ndarray,
@@ -202,13 +209,15 @@ def binned_activity_pca(
     """Project every window onto the principal components of the fitting neurons' windows.
 
     PCA is fitted on the flattened windows (patches x bins) of ``fit_neurons`` only, so
-    a held-out animal never shapes the components.
+    a held-out animal never shapes the components; beyond :data:`MAX_PCA_FIT_WINDOWS`
+    windows, on a random draw of them.
 
     Parameters
     ----------
     activity
         ``(n_neurons, n_windows, patches, bins)`` activity, already transformed (for
-        example ``log1p`` of spike counts).
+        example ``log1p`` of spike counts): an array, or a
+        :class:`~neurpir_nwb.segments.LazyActivity` read from disk.
     valid
         ``(n_neurons, n_windows)`` bool mask of the windows to use.
     fit_neurons
@@ -220,16 +229,27 @@ def binned_activity_pca(
         ``(n_neurons, n_windows, n_components)`` float64 projections; invalid windows are NaN.
     """
     n_neurons, n_windows = valid.shape
-    flat = activity.reshape(n_neurons, n_windows, -1)
     fit_mask = np.zeros_like(valid)
     fit_mask[fit_neurons] = valid[fit_neurons]
     if fit_mask.sum() < 2:
         raise EvaluationInputError("PCA needs at least 2 valid windows of the fitting neurons; check the valid mask")
 
-    components = int(min(n_components, fit_mask.sum(), flat.shape[-1]))
-    pca = PCA(n_components=components, random_state=seed).fit(np.nan_to_num(flat[fit_mask]))
+    # The fitting windows, at most MAX_PCA_FIT_WINDOWS of them drawn at random.
+    fit_neuron, fit_window = np.nonzero(fit_mask)
+    if len(fit_neuron) > MAX_PCA_FIT_WINDOWS:
+        chosen = np.sort(np.random.default_rng(seed).choice(len(fit_neuron), MAX_PCA_FIT_WINDOWS, replace=False))
+        fit_neuron, fit_window = fit_neuron[chosen], fit_window[chosen]
+    fit_values = np.asarray(activity[fit_neuron, fit_window]).reshape(len(fit_neuron), -1)
 
-    projected = pca.transform(np.nan_to_num(flat.reshape(n_neurons * n_windows, -1))).reshape(n_neurons, n_windows, components)
+    components = int(min(n_components, len(fit_neuron), fit_values.shape[-1]))
+    pca = PCA(n_components=components, random_state=seed).fit(np.nan_to_num(fit_values))
+
+    # Projected in blocks of neurons, so that activity kept on disk is read a piece at a time.
+    projected = np.empty((n_neurons, n_windows, components))
+    for start in range(0, n_neurons, PCA_BLOCK_NEURONS):
+        block = np.asarray(activity[start : start + PCA_BLOCK_NEURONS])
+        rows = block.shape[0]
+        projected[start : start + rows] = pca.transform(np.nan_to_num(block.reshape(rows * n_windows, -1))).reshape(rows, n_windows, components)
     projected[~valid] = np.nan
     return projected
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,9 @@ class Recording:
         Row index of each neuron in the table, int64. The output NWB links to these rows.
     spike_times
         One float64 array of spike times in seconds per neuron: finite, non-negative
-        and ascending after sanitising.
+        and ascending after sanitising. For a large table, a
+        :class:`~neurpir_nwb.io.units.SpikeTrainBlocks` that reads them from the file in
+        blocks of units.
     positions
         (n_neurons, 3) float64 positions, in the unit the file uses for ``unit_x/y/z``
         or electrode ``x/y/z``; row numbers for ``"electrode_row"`` and ``"unit_row"``.
@@ -57,7 +60,7 @@ class Recording:
     table: str
     unit_ids: np.ndarray
     rows: np.ndarray
-    spike_times: list[np.ndarray]
+    spike_times: Sequence[np.ndarray]
     positions: np.ndarray
     position_source: str
     labels: dict[str, np.ndarray] = field(default_factory=dict)
@@ -80,6 +83,9 @@ class Recording:
     @property
     def spike_counts(self) -> np.ndarray:
         """Number of spikes kept per neuron, int64."""
+        counts = getattr(self.spike_times, "counts", None)
+        if counts is not None:
+            return np.asarray(counts, dtype=np.int64)
         return np.array([len(train) for train in self.spike_times], dtype=np.int64)
 
     @property

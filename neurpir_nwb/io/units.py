@@ -1,7 +1,11 @@
 """Read an NWB Units table into a :class:`Recording`: spike trains, positions and labels.
 
 Spike trains are read in bulk (the concatenated ``spike_times`` values and their
-index, split in memory) and sanitised before any other stage reads them. Region
+index, split in memory) and sanitised before any other stage reads them. A table with
+more than :data:`CHUNK_SPIKES` spike times is read in blocks of whole units instead:
+the reader scans it once to report problems and find the session span, and
+:class:`SpikeTrainBlocks` reads each block again when the segments bin it, so memory
+holds one block at a time. Region
 columns such as ``electrodes`` are read through their raw row indices, never through
 pynwb's row access, which returns DataFrames. Every irregularity found on the way is
 reported to a :class:`~neurpir_nwb.io.problems.ProblemHandler`, which applies the
@@ -12,10 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 from hdmf.common import DynamicTable, DynamicTableRegion, VectorIndex
 from hdmf.container import AbstractContainer
@@ -41,6 +46,9 @@ MIN_SPIKES_FOR_SAMPLE_CHECK = 20
 
 #: Divisors that turn each spike_times unit into seconds; samples divide by the sampling rate instead.
 SECONDS_PER_UNIT = {"s": 1.0, "ms": 1000.0}
+
+#: Spike times read at once (80 MB of float64); a larger Units table is read in blocks of units.
+CHUNK_SPIKES = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ def read_units(
     problems: ProblemPolicy | None = None,
     spike_times_unit: str = "s",
     sampling_rate_hz: float | None = None,
+    chunk_spikes: int = CHUNK_SPIKES,
 ) -> Recording:
     """Read the Units table of an NWB file, with sanitised spike trains, positions and labels.
 
@@ -111,6 +120,11 @@ def read_units(
         ``"samples"`` (with ``sampling_rate_hz``). They are converted to seconds.
     sampling_rate_hz
         Sampling rate in Hz of spike times stored as sample indices.
+    chunk_spikes
+        Most spike times held in memory at once. A table with more spike times gets
+        a :class:`SpikeTrainBlocks` as ``spike_times``, which reads blocks of whole
+        units from the file when they are needed. Problems are then found and
+        reported block by block.
 
     Returns
     -------
@@ -140,6 +154,7 @@ def read_units(
             labels=labels,
             spike_times_unit=spike_times_unit,
             sampling_rate_hz=sampling_rate_hz,
+            chunk_spikes=chunk_spikes,
         )
 
 
@@ -161,12 +176,15 @@ def units_recording(
     spike_times_unit: str = "s",
     sampling_rate_hz: float | None = None,
     max_spikes: int | None = None,
+    chunk_spikes: int | None = None,
 ) -> Recording:
     """Build the Recording of an NWB file's Units table that pynwb has read.
 
     This is the body of :func:`read_units`; ``neurpir-nwb inspect`` calls it with a
     handler that collects the problems. With ``max_spikes``, only the first units
-    whose spike trains fit in that many spike times are read.
+    whose spike trains fit in that many spike times are read. With ``chunk_spikes``,
+    a local file with more spike times than that is read in blocks of units, and its
+    Recording holds a :class:`SpikeTrainBlocks`.
     """
     path = Path(str(path))
     labels = labels or {}
@@ -175,28 +193,36 @@ def units_recording(
     units = _units_table(path, nwbfile)
     unit_ids = np.asarray(units.id.data[:], dtype=np.int64)
 
-    raw_trains, stored_dtype = _read_spike_trains(path, units, unit_ids, max_spikes)
-    unit_ids = unit_ids[: len(raw_trains)]
-    raw_trains = [train / divisor for train in raw_trains] if divisor != 1.0 else raw_trains
-    obs_intervals = _read_obs_intervals(path, units, unit_ids, handler)
-    if obs_intervals is not None and divisor != 1.0:
-        obs_intervals = [intervals / divisor for intervals in obs_intervals]
-
-    trains, repairs = _sanitise_trains(
-        path,
-        unit_ids,
-        raw_trains,
-        handler,
-        integer_stored=np.issubdtype(stored_dtype, np.integer) and spike_times_unit == "s",
-        obs_intervals=obs_intervals,
-    )
+    blocks = None
+    if max_spikes is None and chunk_spikes is not None:
+        blocks = _spike_train_blocks(path, units, unit_ids, handler, divisor, spike_times_unit, chunk_spikes)
+    if blocks is not None:
+        unit_ids = blocks.unit_ids
+        obs_intervals = blocks.obs_intervals
+        counts, spans, repairs = blocks.scan(handler)
+        trains: SpikeTrainBlocks | list[np.ndarray] = blocks
+    else:
+        raw_trains, stored_dtype = _read_spike_trains(path, units, unit_ids, max_spikes)
+        unit_ids = unit_ids[: len(raw_trains)]
+        raw_trains = [train / divisor for train in raw_trains] if divisor != 1.0 else raw_trains
+        obs_intervals = _read_obs_intervals(path, units, unit_ids, handler, divisor)
+        trains, repairs = _sanitise_trains(
+            path,
+            unit_ids,
+            raw_trains,
+            handler,
+            integer_stored=np.issubdtype(stored_dtype, np.integer) and spike_times_unit == "s",
+            obs_intervals=obs_intervals,
+        )
+        counts = np.array([len(train) for train in trains], dtype=np.int64)
+        spans = _train_spans(trains)
 
     positions, position_source = _unit_positions(path, units, unit_ids, handler)
     label_values = {name: _read_label(path, units, unit_ids, name, spec, handler) for name, spec in labels.items()}
 
     identifier = str(nwbfile.identifier)
-    _report_empty_units(path, unit_ids, trains, handler)
-    t_start_s, t_stop_s = _session_span_s(trains)
+    _report_empty_units(path, unit_ids, counts, handler)
+    t_start_s, t_stop_s = _session_span_s(spans, counts)
 
     return Recording(
         path=path,
@@ -371,9 +397,9 @@ def _read_spike_trains(
 
 
 def _read_obs_intervals(
-    path: Path, units: DynamicTable, unit_ids: np.ndarray, handler: ProblemHandler
+    path: Path, units: DynamicTable, unit_ids: np.ndarray, handler: ProblemHandler, divisor: float = 1.0
 ) -> list[np.ndarray] | None:
-    """Return each unit's (n, 2) obs_intervals in the stored unit, or None when the table has none.
+    """Return each unit's (n, 2) obs_intervals divided by ``divisor`` (into seconds), or None when the table has none.
 
     A unit with no intervals gets an empty (0, 2) array, which the segments treat as
     observed throughout.
@@ -404,7 +430,7 @@ def _read_obs_intervals(
                     table="units",
                 )
             )
-    return intervals
+    return [unit_intervals / divisor for unit_intervals in intervals] if divisor != 1.0 else intervals
 
 
 def _sanitise_trains(
@@ -540,9 +566,9 @@ def _drop_spikes(
     positions: list[np.ndarray],
     drop_masks: list[np.ndarray],
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Remove the masked spike times; return the trains and their raw positions."""
-    kept_trains = [train[~mask] for train, mask in zip(trains, drop_masks)]
-    kept_positions = [position[~mask] for position, mask in zip(positions, drop_masks)]
+    """Remove the masked spike times; return the trains and their raw positions. Trains with nothing to drop are kept as they are."""
+    kept_trains = [train[~mask] if mask.any() else train for train, mask in zip(trains, drop_masks)]
+    kept_positions = [position[~mask] if mask.any() else position for position, mask in zip(positions, drop_masks)]
     return kept_trains, kept_positions
 
 
@@ -679,9 +705,9 @@ def _inside_obs_intervals(
     return [train[~mask] for train, mask in zip(trains, masks)], counts
 
 
-def _report_empty_units(path: Path, unit_ids: np.ndarray, trains: list[np.ndarray], handler: ProblemHandler) -> None:
-    """Report, in one problem, the units that have no spikes left."""
-    empty_ids = [int(unit_id) for unit_id, train in zip(unit_ids, trains) if len(train) == 0]
+def _report_empty_units(path: Path, unit_ids: np.ndarray, counts: np.ndarray, handler: ProblemHandler) -> None:
+    """Report, in one problem, the units that have no spikes left; ``counts`` holds the spikes kept per unit."""
+    empty_ids = [int(unit_id) for unit_id, count in zip(unit_ids, counts) if count == 0]
     if not empty_ids:
         return
 
@@ -698,12 +724,207 @@ def _report_empty_units(path: Path, unit_ids: np.ndarray, trains: list[np.ndarra
     )
 
 
-def _session_span_s(trains: list[np.ndarray]) -> tuple[float, float]:
+def _train_spans(trains: Sequence[np.ndarray]) -> np.ndarray:
+    """Return the (n_units, 2) first and last spike time of each ascending train; NaN for an empty one."""
+    spans = np.full((len(trains), 2), np.nan)
+    for row, train in enumerate(trains):
+        if len(train):
+            spans[row] = train[0], train[-1]
+    return spans
+
+
+def _session_span_s(spans: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
     """Return the first and last spike time in seconds over the non-empty trains, or (0, 0)."""
-    non_empty = [train for train in trains if len(train)]
-    if not non_empty:
+    spans = spans[counts > 0]
+    if not len(spans):
         return 0.0, 0.0
-    return float(min(train[0] for train in non_empty)), float(max(train[-1] for train in non_empty))
+    return float(spans[:, 0].min()), float(spans[:, 1].max())
+
+
+# --- spike trains read in blocks -------------------------------------------------
+
+
+def _spike_train_blocks(
+    path: Path,
+    units: DynamicTable,
+    unit_ids: np.ndarray,
+    handler: ProblemHandler,
+    divisor: float,
+    spike_times_unit: str,
+    chunk_spikes: int,
+) -> SpikeTrainBlocks | None:
+    """Return the table's spike trains as blocks when the file is local and holds more than ``chunk_spikes`` spike times."""
+    index = units["spike_times"] if "spike_times" in units.colnames else None
+    if not isinstance(index, VectorIndex) or not isinstance(index.target.data, h5py.Dataset):
+        return None
+    dataset = index.target.data
+    if len(dataset) <= chunk_spikes or not path.is_file():
+        return None
+
+    ends = np.asarray(index.data[:], dtype=np.int64)
+    _check_index(path, "spike_times", ends, len(dataset), unit_ids)
+    obs_intervals = _read_obs_intervals(path, units, unit_ids, handler, divisor)
+    return SpikeTrainBlocks(
+        path=path,
+        dataset_name=dataset.name,
+        unit_ids=unit_ids,
+        ends=ends,
+        divisor=divisor,
+        integer_stored=np.issubdtype(dataset.dtype, np.integer) and spike_times_unit == "s",
+        obs_intervals=obs_intervals,
+        policy=handler.policy,
+        chunk_spikes=chunk_spikes,
+    )
+
+
+class SpikeTrainBlocks(Sequence[np.ndarray]):
+    """Spike trains of a large Units table, read from the file in blocks of whole units.
+
+    Each block is read with one slice of ``spike_times`` and sanitised as the reader
+    sanitises a whole table, so every block gives the trains that an in-memory read
+    gives. :meth:`scan` reads every block once, reporting problems; later reads
+    apply the same repairs without reporting them again.
+
+    NOTE: problems are reported per block, so one kind of problem in several
+    blocks gives several messages, each naming its own units.
+
+    Parameters
+    ----------
+    path
+        The local NWB file.
+    dataset_name
+        HDF5 path of the ``spike_times`` values, such as ``"/units/spike_times"``.
+    unit_ids
+        Ids of the units, in table order.
+    ends
+        ``spike_times_index``: the end of each unit's values.
+    divisor
+        What the stored values are divided by to give seconds.
+    integer_stored
+        Whether the values are stored as integers while the recipe reads them as seconds.
+    obs_intervals
+        Each unit's obs_intervals in seconds, or None.
+    policy
+        The problem policy, whose repairs every read applies.
+    chunk_spikes
+        Most spike times in one block; a unit with more forms a block of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        dataset_name: str,
+        unit_ids: np.ndarray,
+        ends: np.ndarray,
+        divisor: float,
+        integer_stored: bool,
+        obs_intervals: list[np.ndarray] | None,
+        policy: ProblemPolicy,
+        chunk_spikes: int,
+    ) -> None:
+        self.path = path
+        self.dataset_name = dataset_name
+        self.unit_ids = unit_ids
+        self.ends = ends
+        self.divisor = divisor
+        self.integer_stored = integer_stored
+        self.obs_intervals = obs_intervals
+        self.policy = policy
+        self.chunk_spikes = max(1, int(chunk_spikes))
+        self.counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, row):  # type: ignore[override]
+        if isinstance(row, slice):
+            return [self[one] for one in range(*row.indices(len(self)))]
+        row = int(row) + len(self) if int(row) < 0 else int(row)
+        if not 0 <= row < len(self):
+            raise IndexError(f"unit row {row} outside the {len(self)} units of {self.path}")
+        return self.read(row, row + 1)[0]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for _, trains in self.blocks():
+            yield from trains
+
+    def block_rows(self, max_units: int | None = None, align: int = 1) -> list[tuple[int, int]]:
+        """Split the table rows into consecutive blocks of at most ``chunk_spikes`` stored spike times and ``max_units`` units.
+
+        Blocks end on multiples of ``align`` rows where their limits allow, so that
+        a writer whose chunks hold ``align`` neurons fills whole chunks.
+        """
+        blocks = []
+        start = 0
+        while start < len(self.ends):
+            first_value = self.ends[start - 1] if start else 0
+            stop = int(np.searchsorted(self.ends, first_value + self.chunk_spikes, side="right"))
+            if max_units is not None:
+                stop = min(stop, start + max(1, max_units))
+            aligned = stop // align * align
+            stop = aligned if aligned > start and stop < len(self.ends) else stop
+            stop = max(stop, start + 1)
+            blocks.append((start, stop))
+            start = stop
+        return blocks
+
+    def blocks(self, max_units: int | None = None, align: int = 1) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Yield the first table row of each block and the block's sanitised trains, in seconds; see :meth:`block_rows`."""
+        with h5py.File(self.path, "r") as file:
+            dataset = file[self.dataset_name]
+            for start, stop in self.block_rows(max_units, align):
+                trains, _ = self._sanitised(dataset, start, stop, ProblemHandler(self.policy, collect=True))
+                yield start, trains
+
+    def read(self, start: int, stop: int) -> list[np.ndarray]:
+        """Return the sanitised trains of table rows ``start`` to ``stop``."""
+        with h5py.File(self.path, "r") as file:
+            return self._sanitised(file[self.dataset_name], start, stop, ProblemHandler(self.policy, collect=True))[0]
+
+    def scan(self, handler: ProblemHandler) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """Read every block once, reporting its problems to ``handler``.
+
+        Returns
+        -------
+        counts, spans, repairs
+            Spikes kept per unit, (n_units, 2) first and last spike time per unit in
+            seconds (NaN for an empty unit), and the summed repair counts.
+        """
+        counts = np.zeros(len(self), dtype=np.int64)
+        spans = np.full((len(self), 2), np.nan)
+        repairs: Counter[str] = Counter()
+        blocks = self.block_rows()
+        logger.info("%s: reading %d spike times in %d blocks of units", self.path, int(self.ends[-1]), len(blocks))
+        with h5py.File(self.path, "r") as file:
+            dataset = file[self.dataset_name]
+            for start, stop in blocks:
+                trains, block_repairs = self._sanitised(dataset, start, stop, handler)
+                counts[start:stop] = [len(train) for train in trains]
+                spans[start:stop] = _train_spans(trains)
+                repairs.update(block_repairs)
+        self.counts = counts
+        return counts, spans, dict(repairs)
+
+    def _sanitised(
+        self, dataset: h5py.Dataset, start: int, stop: int, handler: ProblemHandler
+    ) -> tuple[list[np.ndarray], dict[str, int]]:
+        """Read rows ``start`` to ``stop`` with one slice, convert them to seconds and sanitise them."""
+        first = int(self.ends[start - 1]) if start else 0
+        ends = self.ends[start:stop] - first
+        values = np.asarray(dataset[first : int(self.ends[stop - 1])], dtype=np.float64)
+        if self.divisor != 1.0:
+            values /= self.divisor
+
+        intervals = None if self.obs_intervals is None else self.obs_intervals[start:stop]
+        return _sanitise_trains(
+            self.path,
+            self.unit_ids[start:stop],
+            np.split(values, ends[:-1]),
+            handler,
+            integer_stored=self.integer_stored,
+            obs_intervals=intervals,
+        )
 
 
 # --- region columns --------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from neurpir_nwb.model import EncoderConfig, NeurPIREncoder, Projector, VICRegLoss
+from neurpir_nwb.model import encoder as encoder_module
 from neurpir_nwb.segments import SegmentSettings, build_segment_set
 from neurpir_nwb.train import TrainConfig, Trainer, WindowData, embed_neurons
 from tests.test_segments import make_recording
@@ -72,10 +73,13 @@ def test_population_matches_per_target(spatiotemporal_layers, own_embedding):
     torch.testing.assert_close(population, per_target, rtol=1e-5, atol=1e-5)
 
 
-def test_population_gradients_match_per_target():
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_population_gradients_match_per_target(monkeypatch, chunk_rows):
     config = dataclasses.replace(SMALL, own_embedding=True)
     activity, neighbours, distance_bins = make_population(10, 3, config)
     targets = torch.arange(10)
+    if chunk_rows is not None:
+        rows_per_chunk(monkeypatch, chunk_rows, config)
 
     gradients = []
     for batching in ("population", "per-target"):
@@ -126,6 +130,62 @@ def test_deep_population_uses_own_neighbourhoods():
         reference = encoder.final_norm(x).mean(dim=1)
 
     torch.testing.assert_close(population, reference, rtol=1e-5, atol=1e-5)
+
+
+def rows_per_chunk(monkeypatch, rows: int, config: EncoderConfig) -> None:
+    """Make population batching run ``rows`` rows of a window through each block at a time."""
+    monkeypatch.setattr(encoder_module, "POPULATION_CHUNK_FEATURES", rows * config.patches * config.dim)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_chunked_population_matches_per_target(monkeypatch, rows):
+    config = dataclasses.replace(SMALL, own_embedding=True)
+    encoder = build_encoder(config)
+    activity, neighbours, distance_bins = make_population(12, 4, config)
+    targets = torch.tensor([0, 3, 5, 6, 11])
+    per_target = encoder(*per_target_input(activity, neighbours, distance_bins, targets))
+
+    rows_per_chunk(monkeypatch, rows, config)
+    population = encoder.forward_population(activity, neighbours, distance_bins, targets)
+
+    torch.testing.assert_close(population, per_target, rtol=1e-5, atol=1e-5)
+
+
+def test_deep_population_chunks_unchanged(monkeypatch):
+    config = dataclasses.replace(SMALL, spatiotemporal_layers=2, batching="population")
+    encoder = build_encoder(config)
+    activity, neighbours, distance_bins = make_population(12, 4, config)
+    targets = torch.tensor([1, 2, 9])
+    whole = encoder.forward_population(activity, neighbours, distance_bins, targets)
+
+    rows_per_chunk(monkeypatch, 5, config)
+    chunked = encoder.forward_population(activity, neighbours, distance_bins, targets)
+
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_population_without_rows(monkeypatch):
+    config = dataclasses.replace(SMALL, own_embedding=True)
+    encoder = build_encoder(config)
+    rows_per_chunk(monkeypatch, 2, config)
+
+    embedding = encoder.forward_population(
+        torch.zeros(0, config.patches, config.bins_per_patch), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)
+    )
+
+    assert embedding.shape == (0, config.output_dim)
+
+
+def test_row_chunks_split_evenly():
+    cpu = torch.device("cpu")
+    rows = encoder_module.POPULATION_CHUNK_FEATURES // 100
+
+    chunks = encoder_module._row_chunks(4 * rows - 4, 100, cpu)
+
+    assert [(chunk.start, chunk.stop) for chunk in chunks] == [(start, start + rows - 1) for start in range(0, 4 * rows - 4, rows - 1)]
+    assert [(chunk.start, chunk.stop) for chunk in encoder_module._row_chunks(0, 100, cpu)] == [(0, 1)]
+    assert len(encoder_module._row_chunks(rows, 100, cpu)) == 1
+    assert encoder_module._row_chunks(4 * rows, 100, torch.device("meta")) == [slice(0, 4 * rows)]
 
 
 def test_deeper_stack_rejects_other_batching():
