@@ -8,10 +8,14 @@
 #   PEAK_BF16_TFLOPS=989 bash benchmarks/gpu_check.sh
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # the interpreter that has the package
 #
-# Exit status: 0 when every check ran, 2 when CUDA is not available.
+# Exit status: 0 when every check ran, 2 when PYTHON lacks the package or CUDA is not available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+if ! "$PYTHON" -c "import torch, neurpir_nwb" 2>/dev/null; then
+    echo "$PYTHON cannot import torch and neurpir_nwb; set PYTHON to the interpreter of the environment that has the package" >&2
+    exit 2
+fi
 
 echo "== GPU"
 if command -v nvidia-smi >/dev/null; then
@@ -29,7 +33,8 @@ import time
 import torch
 
 if not torch.cuda.is_available():
-    print(f"CUDA is not available to torch {torch.__version__} (built for CUDA {torch.version.cuda})", file=sys.stderr)
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA: a CPU build"
+    print(f"CUDA is not available to torch {torch.__version__} ({build}); run on a machine with an NVIDIA GPU and a CUDA build of torch", file=sys.stderr)
     sys.exit(2)
 
 # Dense bf16 peaks in TFLOP/s from the vendors' data sheets (without sparsity).

@@ -565,6 +565,12 @@ def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_di
             return cached
         logger.info("rebuilding the segment set %s: sources or segment settings changed", path)
 
+    # A set of the other store, from an earlier run with another segments.store, is stale now.
+    other = run_dir / ("segments.nc" if store == "zarr" else "segments.zarr")
+    if other.exists():
+        logger.info("removing %s: the segment set is now kept in %s", other, path.name)
+        shutil.rmtree(other) if other.is_dir() else other.unlink()
+
     if recipe.modality == "ophys":
         segment_set = build_trace_segment_set(recordings, settings, normalise=recipe.segments.normalise)
     elif store == "zarr":
@@ -574,6 +580,7 @@ def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_di
         segment_set = build_segment_set(recordings, settings)
     segment_set.attrs["data_sha256"] = data_sha256
     save_segment_set(segment_set, path)
+    logger.info("wrote the segment set to %s", path)
     return segment_set
 
 
@@ -584,10 +591,14 @@ def segment_store(recipe: Recipe, recordings: list, settings: SegmentSettings) -
     if recipe.segments.store != "auto":
         return recipe.segments.store
     size = activity_bytes(recordings, settings)
-    if size > MEMORY_STORE_LIMIT_BYTES:
-        logger.info("the binned activity takes %.1f GiB, so the segment set is kept in zarr", size / 2**30)
-        return "zarr"
-    return "memory"
+    store = "zarr" if size > MEMORY_STORE_LIMIT_BYTES else "memory"
+    logger.info(
+        "segments.store auto: the binned activity takes %.2f GiB (zarr above %.0f GiB), so the segment set is kept in %s",
+        size / 2**30,
+        MEMORY_STORE_LIMIT_BYTES / 2**30,
+        store,
+    )
+    return store
 
 
 def encoder_config(recipe: Recipe) -> EncoderConfig:
@@ -1099,7 +1110,6 @@ def write_nwb_files(
                 provenance=file_provenance,
                 overwrite=overwrite,
             )
-            logger.info("wrote %s (%d neurons)", output_path, int(selected.sum()))
             outputs.append(output_path)
             advance(index + 1)
     return outputs

@@ -318,7 +318,7 @@ def write_segment_set(
         for start, stop, counts in _binned_blocks(recording, layout["n_windows"], settings, align=ZARR_CHUNK_NEURONS):
             activity[offset + start : offset + stop, : layout["n_windows"]] = counts
         offset += recording.n_neurons
-        logger.info("%s: %d units binned into %s", recording.path, recording.n_neurons, path.name)
+        logger.info("%s: %d units binned into %s", Path(recording.path).name, recording.n_neurons, path.name)
 
     _remove(path)
     temporary.rename(path)

@@ -266,7 +266,7 @@ def write_embedding_tables_nwb(
             output_version,
         )
     n_neurons = sum(len(block["rows"]) for block in checked)
-    logger.info("Wrote embeddings of %d neurons from %s to %s", n_neurons, source_path, output_path)
+    logger.info("wrote embeddings of %d neurons from %s to %s", n_neurons, source_path, output_path)
     return output_path
 
 
