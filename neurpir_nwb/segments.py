@@ -53,6 +53,7 @@ __all__ = [
     "load_segment_set",
     "lazy_activity",
     "neighbour_indices",
+    "prepare_activity",
     "write_segment_set",
 ]
 
@@ -342,7 +343,7 @@ def activity_bytes(recordings: Sequence[Recording], settings: SegmentSettings) -
 def _stack_layouts(recordings, layouts: list[dict], settings: SegmentSettings, edges: np.ndarray | None, *, coords: dict) -> xr.Dataset:
     """Pad every recording's windows to the longest one, stack them along `neuron` and bin the neighbour distances.
 
-    The result holds every variable but ``activity``.
+    The result contains every variable but ``activity``.
     """
     n_windows = max(layout["n_windows"] for layout in layouts)
     valid = np.concatenate([_pad(layout["valid"], n_windows, False) for layout in layouts])
@@ -589,9 +590,8 @@ class LazyActivity:
     Indexing with a neuron index and a window index, integers or arrays that
     broadcast against each other, returns the transformed activity of those
     (neuron, window) pairs, as the in-memory array of
-    :class:`~neurpir_nwb.train.WindowData` gives it: ``log1p`` of the counts when the
-    set says so, and zeros in place of NaN. A slice of neurons returns all their
-    windows.
+    :class:`~neurpir_nwb.train.WindowData` gives it (see :func:`prepare_activity`).
+    A slice of neurons returns all their windows.
 
     Parameters
     ----------
@@ -635,10 +635,15 @@ class LazyActivity:
         return self._prepared(np.asarray(self.array.vindex[selection]))
 
     def _prepared(self, values: np.ndarray) -> np.ndarray:
-        values = values.astype(np.float32, copy=False)
-        if self.transform == "log1p":
-            values = np.log1p(values)
-        return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        return prepare_activity(values, self.transform)
+
+
+def prepare_activity(values: np.ndarray, transform: str | None) -> np.ndarray:
+    """Return stored activity as the encoder reads it: float32, ``log1p`` of the counts when ``transform`` is ``"log1p"``, and zeros in place of NaN and infinities."""
+    values = np.asarray(values).astype(np.float32, copy=False)
+    if transform == "log1p":
+        values = np.log1p(values)
+    return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _remove(path: Path) -> None:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from neurpir_nwb.errors import TrainingError
 from neurpir_nwb.model import NeurPIREncoder, Projector, VICRegLoss
-from neurpir_nwb.segments import LazyActivity
+from neurpir_nwb.segments import LazyActivity, prepare_activity
 
 __all__ = [
     "PairPlan",
@@ -250,10 +250,7 @@ class WindowData:
         if activity is not None:
             self.activity = activity
         else:
-            values = dataset["activity"].values.astype(np.float32)
-            if dataset.attrs.get("activity_transform") == "log1p":
-                values = np.log1p(values)
-            self.activity = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            self.activity = prepare_activity(dataset["activity"].values, dataset.attrs.get("activity_transform"))
         self.valid = dataset["valid"].values.astype(bool)
         self.neighbour = dataset["neighbour"].values.astype(np.int64)
         self.distance_bin = dataset["distance_bin"].values.astype(np.int64)

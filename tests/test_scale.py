@@ -203,7 +203,8 @@ def test_blocks_end_on_chunk_boundaries(big_file):
     blocks = read_units(big_file, problems=WARN_SORT, chunk_spikes=3000).spike_times
     rows = blocks.block_rows(max_units=6, align=4)
 
-    assert rows[0][0] == 0 and rows[-1][1] == len(blocks)
+    assert rows[0][0] == 0
+    assert rows[-1][1] == len(blocks)
     assert all(stop == next_start for (_, stop), (next_start, _) in zip(rows, rows[1:]))
     assert all(stop % 4 == 0 for _, stop in rows[:-1])
     assert max(stop - start for start, stop in rows) <= 6

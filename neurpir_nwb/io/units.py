@@ -706,7 +706,7 @@ def _inside_obs_intervals(
 
 
 def _report_empty_units(path: Path, unit_ids: np.ndarray, counts: np.ndarray, handler: ProblemHandler) -> None:
-    """Report, in one problem, the units that have no spikes left; ``counts`` holds the spikes kept per unit."""
+    """Report, in one problem, the units that have no spikes left; ``counts`` is the number of spikes kept per unit."""
     empty_ids = [int(unit_id) for unit_id, count in zip(unit_ids, counts) if count == 0]
     if not empty_ids:
         return
