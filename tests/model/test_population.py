@@ -1,5 +1,6 @@
 """Population batching: every neuron of a window encoded once, and the same embeddings as per-target batching."""
 
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -186,6 +187,41 @@ def test_row_chunks_split_evenly():
     assert [(chunk.start, chunk.stop) for chunk in encoder_module._row_chunks(0, 100, cpu)] == [(0, 1)]
     assert len(encoder_module._row_chunks(rows, 100, cpu)) == 1
     assert encoder_module._row_chunks(4 * rows, 100, torch.device("meta")) == [slice(0, 4 * rows)]
+
+
+def test_row_chunks_share_out_between_workers():
+    cpu = torch.device("cpu")
+    rows = encoder_module.POPULATION_CHUNK_FEATURES // 100
+
+    assert len(encoder_module._row_chunks(rows, 100, cpu, workers=2)) == 2
+    assert len(encoder_module._row_chunks(3 * rows, 100, cpu, workers=2)) == 4
+    assert encoder_module._row_chunks(1, 100, cpu, workers=2) == [slice(0, 1)]
+
+
+def threaded_embeddings(encoder, inputs, threads: int, mode: str = "no_grad") -> torch.Tensor:
+    """Embed every row with ``threads`` intra-op threads, under no_grad, inference_mode or no_grad with bf16 autocast."""
+    torch.set_num_threads(threads)
+    with contextlib.ExitStack() as modes:
+        modes.enter_context(torch.inference_mode() if mode == "inference_mode" else torch.no_grad())
+        if mode == "bf16-autocast":
+            modes.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+        return encoder.forward_population(*inputs).float()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "bf16-autocast"])
+def test_threaded_inference_matches_one_thread(monkeypatch, mode):
+    config = dataclasses.replace(SMALL, spatiotemporal_layers=2, batching="population", own_embedding=True)
+    encoder = build_encoder(config)
+    inputs = make_population(12, 4, config)
+    rows_per_chunk(monkeypatch, 3, config)
+
+    one_thread = threaded_embeddings(encoder, inputs, 1, mode)
+    two_threads = threaded_embeddings(encoder, inputs, 2, mode)
+
+    # Workers that lost the caller's autocast would differ from one thread by the bf16 rounding, about 1e-2.
+    torch.testing.assert_close(two_threads, one_thread, rtol=1e-6, atol=1e-6)
+    assert any(workers == 2 for _, workers, _ in encoder_module._CHUNK_POOLS)
+    assert torch.get_num_threads() == 2
 
 
 def test_deeper_stack_rejects_other_batching():
