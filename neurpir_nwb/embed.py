@@ -31,7 +31,7 @@ from neurpir_nwb.io.units import read_units
 from neurpir_nwb.recipe import ProblemPolicy
 from neurpir_nwb.model_directory import LoadedModel, load_model, output_provenance
 from neurpir_nwb.pipeline import software_versions, write_nwb_files
-from neurpir_nwb.progress import Progress, SilentProgress
+from neurpir_nwb.progress import Progress, SilentProgress, count_noun
 from neurpir_nwb.segments import build_segment_set, build_trace_segment_set
 from neurpir_nwb.train import WindowData, embed_neurons
 
@@ -175,7 +175,7 @@ def embed_files(
         overwrite=overwrite,
         source_provenance=source_provenance,
     )
-    logger.info("embedded %d neurons of %d files with model %s; outputs in %s", embeddings.sizes["neuron"], len(paths), model.name, output_dir)
+    logger.info("embedded %d neurons of %s with model %s; outputs in %s", embeddings.sizes["neuron"], count_noun(len(paths), "file"), model.name, output_dir)
     return EmbedSummary(model_dir=model.path, outputs=outputs, embeddings=embeddings)
 
 

@@ -35,6 +35,7 @@ from neurpir_nwb.io import ophys as ophys_reader
 from neurpir_nwb.io import units as units_reader
 from neurpir_nwb.io.nwbfile import check_nwb_root, file_problems, open_hdf5, read_nwbfile
 from neurpir_nwb.io.problems import UNREADABLE, Problem, ProblemHandler, format_ids, is_missing_label
+from neurpir_nwb.progress import count_noun
 from neurpir_nwb.io.timeseries import (
     check_same_time_base,
     checked_timestamps,
@@ -791,17 +792,12 @@ def format_report(report: FileReport) -> list[str]:
         for problem in problems:
             action = problem.action(report.policy)
             text = problem.error_message if action == "raise" else problem.warning_message
-            affected = f" ({_count(len(problem.neurons), 'neuron')})" if problem.neurons else ""
+            affected = f" ({count_noun(len(problem.neurons), 'neuron')})" if problem.neurons else ""
             lines.append(f"    [{action}] {problem.kind}{affected}: {text}")
 
     verdict = {0: "loadable", 1: "loadable, but the policy stops a run on the problems marked [raise]"}
     lines.append(f"  status: {verdict[report.exit_status]}")
     return lines
-
-
-def _count(number: int, noun: str) -> str:
-    """Return ``"1 neuron"`` or ``"3 neurons"``."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _format_table(table: TableReport) -> list[str]:
@@ -811,12 +807,12 @@ def _format_table(table: TableReport) -> list[str]:
         span = f" from {table.t_start_s:.3f} to {table.t_stop_s:.3f} s"
     if table.reader == "units":
         rate = f", mean rate {table.rate_hz:.3g} Hz" if table.rate_hz is not None else ""
-        what = f"{_count(table.neurons, 'unit')}, {_count(table.events, 'spike')}{span}{rate}"
+        what = f"{count_noun(table.neurons, 'unit')}, {count_noun(table.events, 'spike')}{span}{rate}"
         if table.checked_neurons < table.neurons:
             what += f" (spike trains of the first {table.checked_neurons} units checked)"
     else:
         rate = f" at {table.rate_hz:.4g} Hz" if table.rate_hz is not None else " at irregular times"
-        what = f"{_count(table.neurons, 'neuron')}, {table.events} samples per neuron{span}{rate}"
+        what = f"{count_noun(table.neurons, 'neuron')}, {table.events} samples per neuron{span}{rate}"
 
     lines = [f"  {table.reader} {table.table}: {what}" if table.neurons else f"  {table.reader} {table.table}: not readable"]
     other_series = [name for name in table.details.get("available_series", []) if name not in table.details.get("series", [])]

@@ -1,4 +1,4 @@
-"""Progress reporting for long stages, kept apart from the terminal.
+"""Progress reporting for long stages, kept apart from the terminal, and counts in messages.
 
 Library code reports progress through a :class:`Progress`; the command-line program
 passes one that draws rich progress bars, and the default draws nothing.
@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["Progress", "SilentProgress"]
+__all__ = ["Progress", "SilentProgress", "count_noun"]
+
+
+def count_noun(number: int, noun: str) -> str:
+    """Return a count with its noun in the matching number: ``"1 file"`` or ``"3 files"``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 #: Called with the amount of work done so far.
 Advance = Callable[[int], None]

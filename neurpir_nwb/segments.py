@@ -41,6 +41,7 @@ import zarr
 from neurpir_nwb.errors import DataError, SourceError
 from neurpir_nwb.io.recording import Recording
 from neurpir_nwb.io.traces import TraceRecording
+from neurpir_nwb.progress import count_noun
 
 __all__ = [
     "LazyActivity",
@@ -389,9 +390,9 @@ def _stack_layouts(recordings, layouts: list[dict], settings: SegmentSettings, e
 
 def _log_segment_set(dataset: xr.Dataset, n_recordings: int, settings: SegmentSettings) -> None:
     logger.info(
-        "segment set: %d neurons from %d recordings, %d windows of %.2f s (%d patches x %d bins of %.3f s), %d neighbours",
+        "segment set: %d neurons from %s, %d windows of %.2f s (%d patches x %d bins of %.3f s), %d neighbours",
         dataset.sizes["neuron"],
-        n_recordings,
+        count_noun(n_recordings, "recording"),
         int(dataset["valid"].values.sum()),
         settings.window_s,
         settings.patches,

@@ -1004,6 +1004,9 @@ def embed_neurons(
     batch_size
         Target windows per forward pass; with population batching, rows per pass,
         with at least one whole recording window.
+    precision
+        ``"auto"``, ``"fp32"`` or ``"bf16"``. It replaces any autocast the caller
+        has entered: ``"auto"`` is bf16 on CUDA and fp32 on the CPU.
     batching
         ``"per-target"`` or ``"population"``. By default population, which encodes
         each neuron once per window, whenever it gives this encoder's embeddings:

@@ -9,6 +9,7 @@ import typer
 
 from neurpir_nwb.cli.base import ProgressBars
 from neurpir_nwb.cli.train import Device
+from neurpir_nwb.progress import count_noun
 
 
 def embed(
@@ -47,7 +48,7 @@ def embed(
 
     embeddings = summary.embeddings
     typer.echo(f"model: {summary.model_dir}")
-    typer.echo(f"embedded {embeddings.sizes['neuron']} neurons of {len(summary.outputs)} NWB files")
+    typer.echo(f"embedded {embeddings.sizes['neuron']} neurons of {count_noun(len(summary.outputs), 'NWB file')}")
     for path in summary.outputs:
         typer.echo(f"  {path}")
     typer.echo(f"NWB outputs: {output}")

@@ -19,6 +19,7 @@ import xarray as xr
 
 from neurpir_nwb.errors import DataError, SourceError
 from neurpir_nwb.nwb_extension import TABLE_TYPE
+from neurpir_nwb.progress import count_noun
 
 __all__ = ["read_embeddings"]
 
@@ -118,7 +119,7 @@ def read_embeddings(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> x
         coords=coords,
         attrs={"provenance": json.dumps(provenance, sort_keys=True), "embedding_dim": int(embedding_dim), "n_files": len(files)},
     )
-    logger.info("read %d neurons from %d tables of %d files", dataset.sizes["neuron"], len(tables), len(files))
+    logger.info("read %d neurons from %s of %s", dataset.sizes["neuron"], count_noun(len(tables), "table"), count_noun(len(files), "file"))
     return dataset
 
 

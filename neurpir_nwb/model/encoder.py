@@ -314,6 +314,10 @@ def _chunk_pool(workers: int, threads: int) -> ThreadPoolExecutor:
     if pool is not None:
         return pool
 
+    # A new thread count replaces the pools of earlier counts, so that their threads do not pile up.
+    for old_key in [old_key for old_key in _CHUNK_POOLS if old_key[0] == key[0]]:
+        _CHUNK_POOLS.pop(old_key).shutdown(wait=False)
+
     calling_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers, thread_name_prefix="neurpir-chunks", initializer=torch.set_num_threads, initargs=(threads,))
     started = threading.Barrier(workers)

@@ -224,6 +224,19 @@ def test_threaded_inference_matches_one_thread(monkeypatch, mode):
     assert torch.get_num_threads() == 2
 
 
+def test_thread_count_change_replaces_pool(monkeypatch):
+    config = dataclasses.replace(SMALL, spatiotemporal_layers=2, batching="population")
+    encoder = build_encoder(config)
+    inputs = make_population(12, 4, config)
+    rows_per_chunk(monkeypatch, 2, config)
+
+    two_threads = threaded_embeddings(encoder, inputs, 2)
+    three_threads = threaded_embeddings(encoder, inputs, 3)
+
+    torch.testing.assert_close(three_threads, two_threads, rtol=1e-5, atol=1e-6)
+    assert [workers for _, workers, _ in encoder_module._CHUNK_POOLS] == [3]
+
+
 def test_deeper_stack_rejects_other_batching():
     activity, neighbours, distance_bins = make_population(6, 2, SMALL)
     per_target = build_encoder(dataclasses.replace(SMALL, spatiotemporal_layers=2))
