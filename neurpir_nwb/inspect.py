@@ -807,14 +807,14 @@ def _format_table(table: TableReport) -> list[str]:
         span = f" from {table.t_start_s:.3f} to {table.t_stop_s:.3f} s"
     if table.reader == "units":
         rate = f", mean rate {table.rate_hz:.3g} Hz" if table.rate_hz is not None else ""
-        what = f"{count_noun(table.neurons, 'unit')}, {count_noun(table.events, 'spike')}{span}{rate}"
+        summary = f"{count_noun(table.neurons, 'unit')}, {count_noun(table.events, 'spike')}{span}{rate}"
         if table.checked_neurons < table.neurons:
-            what += f" (spike trains of the first {table.checked_neurons} units checked)"
+            summary += f" (spike trains of the first {table.checked_neurons} units checked)"
     else:
         rate = f" at {table.rate_hz:.4g} Hz" if table.rate_hz is not None else " at irregular times"
-        what = f"{count_noun(table.neurons, 'neuron')}, {table.events} samples per neuron{span}{rate}"
+        summary = f"{count_noun(table.neurons, 'neuron')}, {table.events} samples per neuron{span}{rate}"
 
-    lines = [f"  {table.reader} {table.table}: {what}" if table.neurons else f"  {table.reader} {table.table}: not readable"]
+    lines = [f"  {table.reader} {table.table}: {summary}" if table.neurons else f"  {table.reader} {table.table}: not readable"]
     other_series = [name for name in table.details.get("available_series", []) if name not in table.details.get("series", [])]
     if other_series:
         lines.append(f"    other series (select them with ophys.series): {', '.join(other_series)}")

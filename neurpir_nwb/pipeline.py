@@ -73,6 +73,7 @@ from neurpir_nwb.segments import (
     build_trace_segment_set,
     lazy_activity,
     load_segment_set,
+    remove_segment_set,
     save_segment_set,
     write_segment_set,
 )
@@ -569,7 +570,7 @@ def segment(recipe: Recipe, recordings: list[Recording | TraceRecording], run_di
     other = run_dir / ("segments.nc" if store == "zarr" else "segments.zarr")
     if other.exists():
         logger.info("removing %s: the segment set is now kept in %s", other, path.name)
-        shutil.rmtree(other) if other.is_dir() else other.unlink()
+        remove_segment_set(other)
 
     if recipe.modality == "ophys":
         segment_set = build_trace_segment_set(recordings, settings, normalise=recipe.segments.normalise)

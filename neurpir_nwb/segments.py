@@ -55,6 +55,7 @@ __all__ = [
     "lazy_activity",
     "neighbour_indices",
     "prepare_activity",
+    "remove_segment_set",
     "write_segment_set",
 ]
 
@@ -295,7 +296,7 @@ def write_segment_set(
 
     # The small variables go first through xarray; the activity array is then filled block by block.
     temporary = path.with_name(f".{path.name}.partial")
-    _remove(temporary)
+    remove_segment_set(temporary)
     dataset.to_zarr(temporary, mode="w", consolidated=False)
     group = zarr.open_group(temporary, mode="r+")
     shape = (dataset.sizes["neuron"], n_windows, settings.patches, settings.bins_per_patch)
@@ -322,7 +323,7 @@ def write_segment_set(
         offset += recording.n_neurons
         logger.info("%s: %d units binned into %s", Path(recording.path).name, recording.n_neurons, path.name)
 
-    _remove(path)
+    remove_segment_set(path)
     temporary.rename(path)
     dataset = load_segment_set(path, lazy=True)
     _log_segment_set(dataset, len(recordings), settings)
@@ -331,12 +332,7 @@ def write_segment_set(
 
 def activity_bytes(recordings: Sequence[Recording], settings: SegmentSettings) -> int:
     """Return the bytes of the float32 ``activity`` array that segmenting the recordings gives."""
-    windows = [
-        int(np.floor((recording.t_stop_s - recording.t_start_s) / settings.window_s + 1e-9))
-        if np.isfinite(recording.t_stop_s - recording.t_start_s)
-        else 0
-        for recording in recordings
-    ]
+    windows = [_window_count(recording.t_stop_s - recording.t_start_s, settings) for recording in recordings]
     n_neurons = sum(recording.n_neurons for recording in recordings)
     return 4 * n_neurons * max(windows, default=0) * settings.window_bins
 
@@ -406,6 +402,13 @@ def _log_segment_set(dataset: xr.Dataset, n_recordings: int, settings: SegmentSe
 MAX_WINDOWS_PER_RECORDING = 10_000_000
 
 
+def _window_count(span_s: float, settings: SegmentSettings) -> int:
+    """Return the whole windows in a session span of ``span_s`` seconds, or 0 when the span is not finite."""
+    if not np.isfinite(span_s):
+        return 0
+    return int(np.floor(span_s / settings.window_s + 1e-9))
+
+
 def _recording_layout(recording: Recording, settings: SegmentSettings) -> dict:
     """Return the windows of one recording, whole windows from the first spike on, and each neuron's neighbours."""
     span_s = recording.t_stop_s - recording.t_start_s
@@ -415,7 +418,7 @@ def _recording_layout(recording: Recording, settings: SegmentSettings) -> dict:
             f"more than {MAX_WINDOWS_PER_RECORDING:,} windows of {settings.window_s:.3f} s; the spike times are probably "
             "not in seconds, so set units.spike_times_unit (and units.sampling_rate_hz) in the recipe"
         )
-    n_windows = int(np.floor(span_s / settings.window_s + 1e-9))
+    n_windows = _window_count(span_s, settings)
     if n_windows < 2:
         raise DataError(
             f"{recording.path}: the session spans {span_s:.3f} s ({recording.t_start_s:.3f} to "
@@ -531,7 +534,7 @@ def save_segment_set(dataset: xr.Dataset, path: str | Path) -> Path:
     """Write a segment set to netCDF (``.nc``) or zarr (``.zarr``), through a temporary name."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial")
-    _remove(temporary)
+    remove_segment_set(temporary)
 
     if path.suffix == ".zarr":
         dataset.to_zarr(temporary, mode="w", consolidated=False)
@@ -540,7 +543,7 @@ def save_segment_set(dataset: xr.Dataset, path: str | Path) -> Path:
     else:
         raise ValueError(f"unknown segment set format {path.suffix!r} for {path}; use a .nc or .zarr path")
 
-    _remove(path)
+    remove_segment_set(path)
     temporary.rename(path)
     return path
 
@@ -647,8 +650,8 @@ def prepare_activity(values: np.ndarray, transform: str | None) -> np.ndarray:
     return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _remove(path: Path) -> None:
-    """Delete a file or a zarr folder if it exists."""
+def remove_segment_set(path: Path) -> None:
+    """Delete a segment set, a netCDF file or a zarr folder, if it exists."""
     if path.is_dir():
         shutil.rmtree(path)
     elif path.exists():

@@ -62,6 +62,17 @@ def test_block_read_gives_memory_read(big_file):
     np.testing.assert_array_equal(blocked.positions, in_memory.positions)
 
 
+def test_block_slices_give_memory_trains(big_file):
+    in_memory = read_units(big_file, problems=WARN_SORT).spike_times
+    blocked = read_units(big_file, problems=WARN_SORT, chunk_spikes=SMALL_CHUNK).spike_times
+
+    for part in (slice(3, 17), slice(None, None, 5), slice(-4, None), slice(8, 8)):
+        expected, got = in_memory[part], blocked[part]
+        assert len(got) == len(expected), part
+        for row, (want, have) in enumerate(zip(expected, got)):
+            np.testing.assert_array_equal(have, want, err_msg=f"{part}, train {row}")
+
+
 def test_block_read_repairs_each_problem(big_file):
     blocked = read_units(big_file, problems=WARN_SORT, chunk_spikes=SMALL_CHUNK)
 

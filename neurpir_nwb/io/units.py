@@ -839,7 +839,10 @@ class SpikeTrainBlocks(Sequence[np.ndarray]):
 
     def __getitem__(self, row):  # type: ignore[override]
         if isinstance(row, slice):
-            return [self[one] for one in range(*row.indices(len(self)))]
+            start, stop, step = row.indices(len(self))
+            if step == 1:
+                return self.read(start, stop) if start < stop else []
+            return [self[one] for one in range(start, stop, step)]
         row = int(row) + len(self) if int(row) < 0 else int(row)
         if not 0 <= row < len(self):
             raise IndexError(f"unit row {row} outside the {len(self)} units of {self.path}")
