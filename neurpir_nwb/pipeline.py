@@ -322,7 +322,7 @@ def resolve_sources(recipe: Recipe, run_dir: Path, progress: Progress) -> Resolv
 
         simulation = source.simulate
         options = {"n_neurons": simulation.neurons, "duration_s": simulation.duration_s}
-        for name in ("type_mix", "parameter_jitter", "reset_jitter_mv", "layout"):
+        for name in ("type_mix", "parameter_jitter", "reset_jitter_mv", "layout", "fast_input_sd", "fast_input_tau_s", "population_coupling"):
             if getattr(simulation, name) is not None:
                 options[name] = getattr(simulation, name)
         seeds = range(simulation.first_seed, simulation.first_seed + simulation.animals)

@@ -57,6 +57,19 @@ class Simulation(_Strict):
             "and gives each type its own layer densities. The simulator's default (uniform) when not given."
         ),
     )
+    fast_input_sd: float | None = Field(
+        default=None, ge=0, description="SD of the fast input fluctuations (time constant fast_input_tau_s); 0, the default, leaves them out."
+    )
+    fast_input_tau_s: float | None = Field(
+        default=None, gt=0, description="Time constant in seconds of the fast input fluctuations; the simulator's default (0.2 s) when not given."
+    )
+    population_coupling: dict[str, float] | None = Field(
+        default=None,
+        description=(
+            "Share (0 to 1) of the fast input that neurons of each type (RS, IB, CH, FS, LTS) share with "
+            "every other neuron; types left out have 0."
+        ),
+    )
 
 
 class OphysOptions(_Strict):

@@ -50,6 +50,16 @@ one per neuron, both with time constant ``drift_tau_s`` and updated every 100 ms
 the firing rates drift over tens of seconds. ``noise_i`` is white Gaussian noise drawn
 every step, with standard deviation ``input_noise_sd`` at a 1 ms step (scaled by
 ``sqrt(1 ms / dt_ms)`` at other steps).
+
+With ``fast_input_sd`` above 0, every neuron also receives fast input fluctuations of
+that standard deviation: ``fast_input_sd * (k * fast_shared(t) + sqrt(1 - k^2) *
+fast_private_i(t))``, two unit-variance Ornstein-Uhlenbeck processes with time constant
+``fast_input_tau_s`` on the same 100 ms grid. ``k`` is the population coupling of the
+neuron's type (``population_coupling``, 0 to 1): how much of its fast input it shares
+with every other neuron. Neurons differ in this coupling (Okun et al. 2015, "Diverse
+coupling of neurons to populations in sensory cortex", Nature 521:511-515). Because the
+fast input has the same variance at every coupling, a neuron's own spike train does
+not show its coupling; only its co-fluctuation with the other neurons does.
 """
 
 from __future__ import annotations
@@ -236,6 +246,13 @@ class SimulationSettings:
         Relative standard deviation of each neuron's a, b and d around its type's values.
     reset_jitter_mv
         Standard deviation in mV of each neuron's c around its type's value.
+    fast_input_sd
+        Standard deviation of the fast input fluctuations; 0 leaves them out.
+    fast_input_tau_s
+        Time constant in seconds of the fast input fluctuations.
+    population_coupling
+        Type name to the share (0 to 1) of its fast input that a neuron shares with
+        every other neuron; types left out have 0.
     """
 
     n_neurons: int = 200
@@ -256,16 +273,20 @@ class SimulationSettings:
     drift_tau_s: float = 20.0
     parameter_jitter: float = 0.05
     reset_jitter_mv: float = 1.0
+    fast_input_sd: float = 0.0
+    fast_input_tau_s: float = 0.2
+    population_coupling: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type_mix", MappingProxyType(_checked_type_mix(self.type_mix)))
+        object.__setattr__(self, "population_coupling", MappingProxyType(_checked_coupling(self.population_coupling)))
         object.__setattr__(self, "volume_um", _checked_volume(self.volume_um))
         _check_settings(self)
 
         # Plain Python numbers, so that the settings serialise to JSON and compare equal after a round trip.
         object.__setattr__(self, "n_neurons", int(self.n_neurons))
         for item in fields(self):
-            if item.name not in ("n_neurons", "type_mix", "volume_um", "layout"):
+            if item.name not in ("n_neurons", "type_mix", "volume_um", "layout", "population_coupling"):
                 object.__setattr__(self, item.name, float(getattr(self, item.name)))
 
     @property
@@ -283,6 +304,7 @@ class SimulationSettings:
         values = {item.name: getattr(self, item.name) for item in fields(self)}
         values["type_mix"] = dict(self.type_mix)
         values["volume_um"] = list(self.volume_um)
+        values["population_coupling"] = dict(self.population_coupling)
         return values
 
     @classmethod
@@ -307,31 +329,55 @@ class SimulationSettings:
         return cls(**values)
 
 
-def _checked_type_mix(type_mix: Mapping[str, float]) -> dict[str, float]:
-    """Return the type mix as a dict in ``NEURON_TYPES`` order, or raise RecipeError."""
-    if not isinstance(type_mix, Mapping) or not type_mix:
-        raise RecipeError(f"type_mix {type_mix!r} is invalid; give a mapping of type name to fraction, such as {{'RS': 0.5, 'FS': 0.5}}")
+def _type_numbers(values: Mapping[str, float], setting: str, label: str, example: str) -> dict[str, float]:
+    """Return a mapping of type name to number as floats in ``NEURON_TYPES`` order, or raise RecipeError.
 
-    unknown = sorted(set(type_mix) - set(NEURON_TYPES))
+    ``label`` names one value in messages, such as ``"type_mix fraction"``. The callers
+    check the ranges.
+    """
+    if not isinstance(values, Mapping):
+        raise RecipeError(f"{setting} {values!r} is invalid; give a mapping of type name to number, such as {example}")
+
+    unknown = sorted(set(values) - set(NEURON_TYPES))
     if unknown:
-        raise RecipeError(f"type_mix names unknown types {', '.join(unknown)}; valid types are {', '.join(NEURON_TYPES)}")
+        raise RecipeError(f"{setting} names unknown types {', '.join(unknown)}; valid types are {', '.join(NEURON_TYPES)}")
 
-    mix = {}
+    numbers = {}
     for name in NEURON_TYPES:
-        if name not in type_mix:
+        if name not in values:
             continue
 
-        fraction = type_mix[name]
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)):
-            raise RecipeError(f"type_mix fraction of {name} is {fraction!r}; give a number above 0")
+        value = values[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise RecipeError(f"{label} of {name} is {value!r}; give a number")
+        numbers[name] = float(value)
+    return numbers
+
+
+def _checked_type_mix(type_mix: Mapping[str, float]) -> dict[str, float]:
+    """Return the type mix as a dict in ``NEURON_TYPES`` order, or raise RecipeError."""
+    if isinstance(type_mix, Mapping) and not type_mix:
+        raise RecipeError("type_mix is empty; give a mapping of type name to fraction, such as {'RS': 0.5, 'FS': 0.5}")
+    mix = _type_numbers(type_mix, "type_mix", "type_mix fraction", "{'RS': 0.5, 'FS': 0.5}")
+
+    for name, fraction in mix.items():
         if not (math.isfinite(fraction) and fraction > 0.0):
-            raise RecipeError(f"type_mix fraction of {name} is {fraction}; give a fraction above 0 or leave the type out")
-        mix[name] = float(fraction)
+            raise RecipeError(f"type_mix fraction of {name} is {fraction:g}; give a fraction above 0 or leave the type out")
 
     total = sum(mix.values())
     if abs(total - 1.0) > 1e-6:
         raise RecipeError(f"type_mix fractions sum to {total:.6g}; make them sum to 1")
     return mix
+
+
+def _checked_coupling(coupling: Mapping[str, float]) -> dict[str, float]:
+    """Return the population coupling of each type in ``NEURON_TYPES`` order, or raise RecipeError."""
+    checked = _type_numbers(coupling, "population_coupling", "population_coupling", "{'FS': 0.9}")
+
+    for name, value in checked.items():
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise RecipeError(f"population_coupling of {name} is {value:g}; give a value from 0 to 1")
+    return checked
 
 
 def _checked_volume(volume_um: Sequence[float]) -> tuple[float, float, float]:
@@ -375,6 +421,8 @@ def _check_settings(settings: SimulationSettings) -> None:
         # With z clipped to [-2, 2], these limits keep a, b and d positive and c within 10 mV of its type.
         ("parameter_jitter", 0.0, 0.2, True),
         ("reset_jitter_mv", 0.0, 5.0, True),
+        ("fast_input_sd", 0.0, math.inf, True),
+        ("fast_input_tau_s", 0.0, math.inf, False),
     ]
     for name, lowest, highest, closed in ranges:
         value = getattr(settings, name)
@@ -717,7 +765,8 @@ def simulate_animal(settings: SimulationSettings, seed: int, *, on_time: OnTime 
     weights = _synaptic_weights(positions_um, excitatory, settings, synapse_rng)
     n_synapses = int(np.count_nonzero(weights))
 
-    blocks = _input_blocks(settings, input_rng)
+    coupling = np.array([settings.population_coupling.get(name, 0.0) for name in cell_types])
+    blocks = _input_blocks(settings, input_rng, coupling)
     units, times_ms = _integrate(
         parameters,
         blocks,
@@ -840,11 +889,14 @@ def _synaptic_weights(
     return weights
 
 
-def _input_blocks(settings: SimulationSettings, rng: np.random.Generator) -> Iterator[np.ndarray]:
+def _input_blocks(settings: SimulationSettings, rng: np.random.Generator, coupling: np.ndarray) -> Iterator[np.ndarray]:
     """Yield the external input, one (steps, n_neurons) float32 block per drift update.
 
-    The drifts are Ornstein-Uhlenbeck processes sampled exactly on a 100 ms grid and
-    held within each block; both start from their stationary distribution.
+    The drifts and the fast fluctuations are Ornstein-Uhlenbeck processes sampled exactly
+    on a 100 ms grid and held within each block. All start from their stationary
+    distribution. ``coupling`` holds each neuron's population coupling. With
+    ``fast_input_sd`` at 0, nothing is drawn for the fast fluctuations, so the input
+    is the same as before they existed.
     """
     n_neurons = settings.n_neurons
     total_steps = settings.n_warmup_steps + settings.n_steps
@@ -856,9 +908,20 @@ def _input_blocks(settings: SimulationSettings, rng: np.random.Generator) -> Ite
     shared = settings.drift_shared_sd * rng.standard_normal()
     private = settings.drift_private_sd * rng.standard_normal(n_neurons)
 
+    fast = settings.fast_input_sd > 0.0
+    fast_decay = math.exp(-DRIFT_STEP_MS / (1000.0 * settings.fast_input_tau_s))
+    fast_innovation = math.sqrt(1.0 - fast_decay**2)
+    shared_weight = settings.fast_input_sd * coupling  # (n_neurons,)
+    private_weight = settings.fast_input_sd * np.sqrt(1.0 - coupling**2)  # (n_neurons,)
+    fast_shared = rng.standard_normal() if fast else 0.0
+    fast_private = rng.standard_normal(n_neurons) if fast else np.zeros(n_neurons)
+
     for start in range(0, total_steps, block_steps):
         steps = min(block_steps, total_steps - start)
-        mean = (settings.input_mean + shared + private).astype(np.float32)
+        mean = settings.input_mean + shared + private
+        if fast:
+            mean = mean + shared_weight * fast_shared + private_weight * fast_private
+        mean = mean.astype(np.float32)
 
         block = rng.standard_normal((steps, n_neurons), dtype=np.float32)
         block *= noise_sd
@@ -867,6 +930,9 @@ def _input_blocks(settings: SimulationSettings, rng: np.random.Generator) -> Ite
 
         shared = decay * shared + innovation * settings.drift_shared_sd * rng.standard_normal()
         private = decay * private + innovation * settings.drift_private_sd * rng.standard_normal(n_neurons)
+        if fast:
+            fast_shared = fast_decay * fast_shared + fast_innovation * rng.standard_normal()
+            fast_private = fast_decay * fast_private + fast_innovation * rng.standard_normal(n_neurons)
 
 
 # --- NWB files -------------------------------------------------------------------------

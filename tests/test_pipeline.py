@@ -8,8 +8,10 @@ import xarray as xr
 from pynwb import NWBHDF5IO
 
 from neurpir_nwb.errors import RecipeError, RunDirectoryError
-from neurpir_nwb.pipeline import run_recipe
+from neurpir_nwb.pipeline import resolve_sources, run_recipe
+from neurpir_nwb.progress import SilentProgress
 from neurpir_nwb.recipe import load_recipe
+from neurpir_nwb.simulate import read_simulation_notes
 
 TINY_SIMULATED = """\
 name: tiny-sim
@@ -89,6 +91,26 @@ def test_rerun_refused_then_reuses_simulation(tiny_run):
     run_recipe(recipe, overwrite=True)
     after = {path: path.stat().st_mtime_ns for path in (summary.run_dir / "simulated").glob("*.nwb")}
     assert before == after
+
+
+def test_simulation_options_reach_the_files(tmp_path):
+    recipe_path = tmp_path / "coupled.yaml"
+    recipe_path.write_text(
+        "name: coupled\n"
+        "sources:\n"
+        "  - simulate: {animals: 1, neurons: 10, duration_s: 2, layout: laminar, parameter_jitter: 0.1,\n"
+        "               fast_input_sd: 1.5, fast_input_tau_s: 0.3, population_coupling: {FS: 0.8, RS: 0.2}}\n"
+    )
+    recipe = load_recipe(recipe_path, output=tmp_path / "run")
+
+    resolved = resolve_sources(recipe, tmp_path / "run", SilentProgress())
+    settings = read_simulation_notes(resolved.paths[0])["settings"]
+
+    assert settings["layout"] == "laminar"
+    assert settings["parameter_jitter"] == 0.1
+    assert settings["fast_input_sd"] == 1.5
+    assert settings["fast_input_tau_s"] == 0.3
+    assert settings["population_coupling"] == {"RS": 0.2, "FS": 0.8}
 
 
 def test_unknown_test_subject(tmp_path):

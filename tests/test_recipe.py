@@ -134,7 +134,7 @@ def test_bundled_recipe_by_name(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_lists_bundled(tmp_path):
-    with pytest.raises(RecipeError, match=r"bundled recipe \(celegans-timeseries, human-mtl-regions, izhikevich, ophys-example\)"):
+    with pytest.raises(RecipeError, match=r"bundled recipe \(celegans-timeseries, human-mtl-regions, izhikevich-coupling, izhikevich, ophys-example\)"):
         load_recipe(tmp_path / "nope.yaml")
 
 

@@ -265,6 +265,51 @@ def test_input_drift_makes_rates_nonstationary():
     assert drifting_cv > 3 * steady_cv
 
 
+def population_correlations(settings: SimulationSettings) -> tuple[dict[str, float], dict[str, float]]:
+    """Return each type's mean correlation with the summed activity of all other neurons, and its mean rate in Hz."""
+    animal = simulate_animal(settings, seed=2)
+    n_bins = int(settings.duration_s / 0.16)
+    counts = np.stack([np.histogram(train, bins=n_bins, range=(0.0, n_bins * 0.16))[0] for train in animal.spike_times])
+    others = counts.sum(axis=0) - counts  # (neurons, bins)
+    correlation = np.array([np.corrcoef(own, rest)[0, 1] for own, rest in zip(counts, others)])
+    rates_hz = np.array([len(train) for train in animal.spike_times]) / settings.duration_s
+
+    types = np.unique(animal.cell_types)
+    mean_correlation = {name: float(correlation[animal.cell_types == name].mean()) for name in types}
+    mean_rate_hz = {name: float(rates_hz[animal.cell_types == name].mean()) for name in types}
+    return mean_correlation, mean_rate_hz
+
+
+def test_population_coupling_follows_type_not_dynamics():
+    # No synapses and no slow shared drift, so that the fast shared input is the only
+    # source of correlation between neurons.
+    base = dict(
+        n_neurons=60, duration_s=60.0, type_mix={"RS": 0.5, "IB": 0.5}, excitatory_weight=0.0,
+        inhibitory_weight=0.0, drift_shared_sd=0.0, fast_input_sd=2.5,
+    )  # fmt: skip
+    rs_coupled = population_correlations(SimulationSettings(**base, population_coupling={"RS": 0.9}))
+    ib_coupled = population_correlations(SimulationSettings(**base, population_coupling={"IB": 0.9}))
+
+    # A coupling of 0.9 shares 81 % of the fast input's variance. Spiking and 160 ms
+    # counts lose part of it (0.65 to 0.74 measured), and uncoupled neurons stay near 0,
+    # so 0.4 and 0.1 separate the two with a wide margin.
+    assert rs_coupled[0]["RS"] > 0.4
+    assert rs_coupled[0]["IB"] < 0.1
+    assert ib_coupled[0]["IB"] > 0.4
+    assert ib_coupled[0]["RS"] < 0.1
+
+    # The fast input has the same variance at every coupling, so each type keeps its
+    # rate (within 2 % measured) whichever type is coupled.
+    for name in ("RS", "IB"):
+        assert rs_coupled[1][name] == pytest.approx(ib_coupled[1][name], rel=0.05)
+
+
+def test_without_fast_input_coupling_changes_nothing(tiny_animal):
+    coupled = simulate_animal(SimulationSettings(n_neurons=30, duration_s=30.0, population_coupling={"FS": 0.9}), 0)
+
+    assert all(np.array_equal(x, y) for x, y in zip(tiny_animal.spike_times, coupled.spike_times))
+
+
 def test_network_is_seeded(tiny_animal):
     again = simulate_animal(TINY, 0)
     other = simulate_animal(TINY, 1)
@@ -286,10 +331,14 @@ def test_longer_duration_keeps_network(tiny_animal):
 
 
 def test_settings_round_trip():
-    settings = SimulationSettings(n_neurons=12, duration_s=5, type_mix={"RS": 0.5, "FS": 0.5}, volume_um=[100, 100, 50])
+    settings = SimulationSettings(
+        n_neurons=12, duration_s=5, type_mix={"RS": 0.5, "FS": 0.5}, volume_um=[100, 100, 50],
+        fast_input_sd=1.5, population_coupling={"FS": 0.8},
+    )  # fmt: skip
     values = json.loads(json.dumps(settings.to_dict()))
 
     assert SimulationSettings.from_dict(values) == settings
+    assert values["population_coupling"] == {"FS": 0.8}
     assert values["volume_um"] == [100.0, 100.0, 50.0]
     assert isinstance(values["duration_s"], float)
 
@@ -305,9 +354,16 @@ def test_settings_round_trip():
         ({"type_mix": {"RS": 0.5, "PV": 0.5}}, ["unknown types PV", "RS, IB, CH, FS, LTS"]),
         ({"type_mix": {"RS": 1.0, "FS": 0.0}}, ["fraction of FS is 0", "leave the type out"]),
         ({"type_mix": {"RS": "all"}}, ["fraction of RS is 'all'", "give a number"]),
+        ({"type_mix": {}}, ["type_mix is empty", "mapping of type name to fraction"]),
+        ({"type_mix": ["RS"]}, ["type_mix ['RS'] is invalid", "mapping of type name"]),
         ({"volume_um": (100.0, 100.0)}, ["volume_um", "three lengths"]),
         ({"parameter_jitter": 0.5}, ["parameter_jitter 0.5", "at most 0.2"]),
         ({"layout": "columnar"}, ["layout 'columnar'", "uniform, laminar"]),
+        ({"fast_input_sd": -1.0}, ["fast_input_sd -1", "at least 0"]),
+        ({"fast_input_tau_s": 0.0}, ["fast_input_tau_s 0", "above 0"]),
+        ({"population_coupling": {"PV": 0.5}}, ["unknown types PV", "RS, IB, CH, FS, LTS"]),
+        ({"population_coupling": {"FS": 1.5}}, ["population_coupling of FS is 1.5", "from 0 to 1"]),
+        ({"population_coupling": {"FS": "high"}}, ["population_coupling of FS is 'high'", "give a number"]),
     ],
 )
 def test_invalid_settings_rejected(values, fragments):
