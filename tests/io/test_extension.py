@@ -117,6 +117,8 @@ def test_namespace_found_in_wheel(tmp_path):
     found, class_name = completed.stdout.split()
     assert Path(found) == site / "neurpir_nwb" / "schemas" / NAMESPACE / f"{NAMESPACE}.namespace.yaml"
     assert class_name == TABLE_TYPE
+    bundled = sorted(path.name for path in (site / "neurpir_nwb" / "recipes").glob("*.yaml"))
+    assert bundled == sorted(path.name for path in (REPOSITORY / "recipes").glob("*.yaml"))
 
 
 def test_spec_cached_with_version(mtl_output):
