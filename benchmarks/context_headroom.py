@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     labels_array, subjects_array = np.asarray(labels), np.asarray(subjects)
     test_subject = arguments.test_subject or subjects_array[-1]
+    if test_subject not in subjects_array:
+        parser.error(f"--test-subject {test_subject!r} is not among the animals of {arguments.folder}: {', '.join(dict.fromkeys(subjects))}")
+    if np.all(subjects_array == test_subject):
+        parser.error(f"{arguments.folder} holds one animal only; the probe needs at least one more to fit on before it scores {test_subject}")
     own = np.concatenate(features["own"])
     variants = {"own": own, "own + coupling": np.hstack([own, np.concatenate(features["coupling"])])}
     if laminar:

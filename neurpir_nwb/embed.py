@@ -198,7 +198,7 @@ def _check_outputs(paths: list[Path], output_dir: Path, overwrite: bool) -> None
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise RunDirectoryError(
-            f"{existing[0]}: output file already exists{more}. Pass --overwrite to replace it or choose another output directory"
+            f"{existing[0]}: output file already exists{more}. Pass --overwrite (overwrite=True from Python) to replace it, or choose another output directory"
         )
 
 

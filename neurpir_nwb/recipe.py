@@ -18,7 +18,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +34,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+#: Names of the simulator's neuron types.
+NeuronType = Literal["RS", "IB", "CH", "FS", "LTS"]
+
+
 class Simulation(_Strict):
     """Simulated animals of Izhikevich neurons with known types, written as NWB files into the run directory."""
 
@@ -41,7 +45,7 @@ class Simulation(_Strict):
     first_seed: int = Field(default=0, ge=0, description="Seed of the first animal.")
     neurons: int = Field(default=200, ge=2, description="Neurons per animal.")
     duration_s: float = Field(default=300.0, gt=0, description="Recorded activity per animal, in seconds.")
-    type_mix: dict[str, float] | None = Field(
+    type_mix: dict[NeuronType, Annotated[float, Field(gt=0)]] | None = Field(
         default=None, description="Share of each neuron type (RS, IB, CH, FS, LTS); the simulator's default mix when not given."
     )
     parameter_jitter: float | None = Field(
@@ -63,13 +67,23 @@ class Simulation(_Strict):
     fast_input_tau_s: float | None = Field(
         default=None, gt=0, description="Time constant in seconds of the fast input fluctuations; the simulator's default (0.2 s) when not given."
     )
-    population_coupling: dict[str, float] | None = Field(
+    population_coupling: dict[NeuronType, Annotated[float, Field(ge=0, le=1)]] | None = Field(
         default=None,
         description=(
-            "Share (0 to 1) of the fast input that neurons of each type (RS, IB, CH, FS, LTS) share with "
-            "every other neuron; types left out have 0."
+            "Coupling k (0 to 1) of each type (RS, IB, CH, FS, LTS) to the fast input common to all neurons: "
+            "a neuron's fast input is k times the common part plus sqrt(1 - k^2) times its own. Types left out have 0."
         ),
     )
+
+    @model_validator(mode="after")
+    def _check_coupling_has_input(self) -> Simulation:
+        coupled = any(value > 0 for value in (self.population_coupling or {}).values())
+        if coupled and not self.fast_input_sd:
+            raise ValueError(
+                "population_coupling has no effect while fast_input_sd is 0 or not given; "
+                "set fast_input_sd above 0 (for example 2.5) or remove population_coupling"
+            )
+        return self
 
 
 class OphysOptions(_Strict):
@@ -656,7 +670,7 @@ def bundled_recipes() -> dict[str, Path]:
     package = Path(__file__).resolve().parent
     for folder in (package / "recipes", package.parent / "recipes"):
         if folder.is_dir():
-            return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+            return {path.stem: path for path in sorted(folder.glob("*.yaml"), key=lambda path: path.stem)}
     return {}
 
 
@@ -685,7 +699,8 @@ def _describe_validation_error(path: Path, root: yaml.Node | None, error: Valida
     """Turn the first pydantic error into one line with the file, the line, the key and the fix."""
     errors = error.errors()
     first = errors[0]
-    location = [part for part in first["loc"] if isinstance(part, (str, int))]
+    # Pydantic marks an invalid mapping key with a trailing "[key]", which is not part of the YAML path.
+    location = [part for part in first["loc"] if isinstance(part, (str, int)) and part != "[key]"]
     key = ".".join(str(part) for part in location) or "(top level)"
     line = _line_of(root, location)
     where = f"{path}, line {line}" if line else str(path)
@@ -741,12 +756,23 @@ def _model_at(model: type[BaseModel], location: list[str | int]) -> type[BaseMod
         # A mapping such as `labels` is followed by a free key (the label name), which names no field.
         annotation = field.annotation
         is_mapping = getattr(annotation, "__origin__", None) is dict
-        inner = getattr(annotation, "__args__", (annotation,))[-1]
-        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+        inner = _inner_model(annotation)
+        if inner is None:
             return None
         model = inner
         index += 2 if is_mapping else 1
     return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """Return the pydantic model inside an annotation such as ``Source``, ``list[Source]`` or ``Simulation | None``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        found = _inner_model(argument)
+        if found is not None:
+            return found
+    return None
 
 
 def _field_keys(model: type[BaseModel]) -> list[str]:

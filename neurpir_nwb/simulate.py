@@ -55,8 +55,8 @@ With ``fast_input_sd`` above 0, every neuron also receives fast input fluctuatio
 that standard deviation: ``fast_input_sd * (k * fast_shared(t) + sqrt(1 - k^2) *
 fast_private_i(t))``, two unit-variance Ornstein-Uhlenbeck processes with time constant
 ``fast_input_tau_s`` on the same 100 ms grid. ``k`` is the population coupling of the
-neuron's type (``population_coupling``, 0 to 1): how much of its fast input it shares
-with every other neuron. Neurons differ in this coupling (Okun et al. 2015, "Diverse
+neuron's type (``population_coupling``, 0 to 1), and the common part carries ``k^2`` of
+the fast input's variance. Neurons differ in this coupling (Okun et al. 2015, "Diverse
 coupling of neurons to populations in sensory cortex", Nature 521:511-515). Because the
 fast input has the same variance at every coupling, a neuron's own spike train does
 not show its coupling; only its co-fluctuation with the other neurons does.
@@ -86,7 +86,7 @@ from pynwb.misc import Units
 
 from neurpir_nwb._version import __version__
 from neurpir_nwb.errors import RecipeError, RunDirectoryError
-from neurpir_nwb.progress import Progress, SilentProgress
+from neurpir_nwb.progress import Progress, SilentProgress, count_noun
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +251,9 @@ class SimulationSettings:
     fast_input_tau_s
         Time constant in seconds of the fast input fluctuations.
     population_coupling
-        Type name to the share (0 to 1) of its fast input that a neuron shares with
-        every other neuron; types left out have 0.
+        Type name to its coupling k (0 to 1): the weight of the fast input common to all
+        neurons, whose share of the fast input's variance is k squared. Types left out
+        have 0.
     """
 
     n_neurons: int = 200
@@ -787,8 +788,8 @@ def simulate_animal(settings: SimulationSettings, seed: int, *, on_time: OnTime 
     wall_time_s = time.perf_counter() - started
     n_spikes = sum(len(train) for train in spike_times)
     logger.info(
-        "simulated animal %d: %d neurons, %d synapses, %.0f s, %d spikes (%.2f Hz mean) in %.1f s",
-        seed, n_neurons, n_synapses, settings.duration_s, n_spikes,
+        "simulated animal %d: %s, %s, %.0f s, %s (%.2f Hz mean) in %.1f s",
+        seed, count_noun(n_neurons, "neuron"), count_noun(n_synapses, "synapse"), settings.duration_s, count_noun(n_spikes, "spike"),
         n_spikes / (n_neurons * settings.duration_s), wall_time_s,
     )  # fmt: skip
 

@@ -69,6 +69,32 @@ def test_unknown_key_inside_label(tmp_path):
         load_recipe(write(tmp_path / "r.yaml", text))
 
 
+def test_unknown_key_inside_simulation(tmp_path):
+    text = "name: r\nsources:\n  - simulate:\n      animals: 2\n      populaton_coupling: {FS: 0.5}\n"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(tmp_path / "r.yaml", text))
+
+    message = str(caught.value)
+    assert "line 5: unknown key 'sources.0.simulate.populaton_coupling'" in message
+    assert "allowed keys here: animals, duration_s, fast_input_sd" in message
+    assert "did you mean 'population_coupling'" in message
+
+
+@pytest.mark.parametrize(
+    ("simulate", "expected"),
+    [
+        ("{fast_input_sd: 2, population_coupling: {FS: 1.5}}", r"invalid value 1.5 for 'sources.0.simulate.population_coupling.FS'.*less than or equal to 1"),
+        ("{fast_input_sd: 2, population_coupling: {PV: 0.5}}", r"invalid value 'PV' for 'sources.0.simulate.population_coupling.PV': .*'RS', 'IB', 'CH', 'FS' or 'LTS'"),
+        ("{type_mix: {RS: 0.5, PV: 0.5}}", r"invalid value 'PV' for 'sources.0.simulate.type_mix.PV'"),
+        ("{population_coupling: {FS: 0.5}}", r"invalid 'sources.0.simulate': population_coupling has no effect while fast_input_sd is 0.*set fast_input_sd above 0"),
+    ],
+)
+def test_simulation_values_checked_on_load(tmp_path, simulate, expected):
+    text = f"name: r\nsources:\n  - simulate: {simulate}\n"
+    with pytest.raises(RecipeError, match=f"line 3: {expected}"):
+        load_recipe(write(tmp_path / "r.yaml", text))
+
+
 def test_wrong_type_names_value(tmp_path):
     text = "name: r\nsources: [{path: a.nwb}]\ntrain:\n  epochs: ten\n"
     with pytest.raises(RecipeError, match=r"line 4: invalid value 'ten' for 'train.epochs'"):
@@ -134,7 +160,7 @@ def test_bundled_recipe_by_name(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_lists_bundled(tmp_path):
-    with pytest.raises(RecipeError, match=r"bundled recipe \(celegans-timeseries, human-mtl-regions, izhikevich-coupling, izhikevich, ophys-example\)"):
+    with pytest.raises(RecipeError, match=r"bundled recipe \(celegans-timeseries, human-mtl-regions, izhikevich, izhikevich-coupling, ophys-example\)"):
         load_recipe(tmp_path / "nope.yaml")
 
 

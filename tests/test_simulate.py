@@ -1,12 +1,13 @@
 """The Izhikevich network simulator: single-neuron behaviour, networks, NWB files and the command."""
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 from nwbinspector import Importance, inspect_nwbfile
-from pynwb import NWBHDF5IO
+from pynwb import NWBHDF5IO, NWBFile
 
 from neurpir_nwb.errors import RecipeError, RunDirectoryError
 from neurpir_nwb.io.units import LabelSpec, read_units
@@ -526,3 +527,35 @@ def test_cli_writes_files(tmp_path):
     assert len(error_lines) == 1, changed.stderr
     assert "sim-animal-3.nwb" in error_lines[0]
     assert "--overwrite" in error_lines[0]
+
+
+def test_cli_simulates_like_a_file(tmp_path):
+    template = SimulationSettings(
+        n_neurons=15, duration_s=4.0, layout="laminar", parameter_jitter=0.15, fast_input_sd=2.5, population_coupling={"FS": 0.9},
+    )  # fmt: skip
+    (source,) = simulate_dataset(tmp_path / "trained", template, [0])
+
+    result = run_cli("simulate", "new", "--animals", "1", "--first-seed", "7", "--like", str(source), "--no-progress", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    settings = read_simulation_notes(tmp_path / "new" / "sim-animal-7.nwb")["settings"]
+    assert SimulationSettings.from_dict(settings) == template
+
+    longer = run_cli("simulate", "longer", "--like", str(source), "--duration-s", "6", "--animals", "1", "--no-progress", cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    settings = read_simulation_notes(tmp_path / "longer" / "sim-animal-0.nwb")["settings"]
+    assert settings["duration_s"] == 6.0
+    assert settings["population_coupling"] == {"FS": 0.9}
+
+
+def test_cli_like_needs_simulated_file(tmp_path):
+    # A recorded file carries no simulation notes.
+    plain = tmp_path / "plain.nwb"
+    nwbfile = NWBFile(session_description="recorded", identifier="plain", session_start_time=datetime(2024, 1, 1, tzinfo=timezone.utc))
+    with NWBHDF5IO(plain, "w") as io:
+        io.write(nwbfile)
+
+    result = run_cli("simulate", "new", "--like", str(plain), "--no-progress", cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert f"{plain}: no simulation settings found" in result.stderr

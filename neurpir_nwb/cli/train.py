@@ -13,6 +13,7 @@ import typer
 
 from neurpir_nwb.cli.base import ProgressBars, configure_logging, console, run_log
 from neurpir_nwb.errors import NeurpirError
+from neurpir_nwb.recipe import bundled_recipes
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class Device(str, enum.Enum):
 
 
 def train(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe, or the name of a bundled recipe (izhikevich, human-mtl-regions).", show_default=False)],
+    recipe: Annotated[Path, typer.Argument(help=f"YAML recipe, or the name of a bundled recipe ({', '.join(bundled_recipes())}).", show_default=False)],
     source: Annotated[
         list[Path] | None,
         typer.Option(

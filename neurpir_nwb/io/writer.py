@@ -348,7 +348,7 @@ def write_streamed_embeddings_nwb(
 
 def _exists_message(output_path: Path) -> str:
     return (
-        f"{output_path}: output file already exists. Pass --overwrite to replace it "
+        f"{output_path}: output file already exists. Pass --overwrite (overwrite=True from Python) to replace it "
         f"or choose another output directory"
     )
 

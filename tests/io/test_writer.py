@@ -355,7 +355,8 @@ def test_labels_without_probabilities(tmp_path):
 
 def test_plane_segmentation_target(tmp_path):
     nwbfile = mock_NWBFile()
-    mock_PlaneSegmentation(n_rois=4, nwbfile=nwbfile)
+    # pynwb's mocks number their default names per process, so the name is given.
+    mock_PlaneSegmentation(name="PlaneSegmentation", n_rois=4, nwbfile=nwbfile)
     source = tmp_path / "ophys.nwb"
     with NWBHDF5IO(source, "w") as io:
         io.write(nwbfile)
