@@ -2,11 +2,13 @@
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
 from neurpir_nwb.errors import RecipeError
-from neurpir_nwb.recipe import load_recipe, recipe_json_schema
+from neurpir_nwb.recipe import NeuronType, load_recipe, recipe_json_schema
+from neurpir_nwb.simulate import NEURON_TYPES
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -176,3 +178,7 @@ def test_rate_rejected_for_spike_trains(tmp_path):
     text = "name: r\nsources: [{path: a.nwb}]\nsegments: {rate_hz: 4}\n"
     with pytest.raises(RecipeError, match=r"segments.rate_hz resamples traces of ophys sources"):
         load_recipe(write(tmp_path / "r.yaml", text))
+
+
+def test_recipe_type_names_match_simulator():
+    assert list(get_args(NeuronType)) == list(NEURON_TYPES)
