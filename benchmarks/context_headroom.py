@@ -56,19 +56,19 @@ def main(argv: list[str] | None = None) -> int:
 
     features: dict[str, list[np.ndarray]] = {"own": [], "coupling": [], "layer": []}
     labels, subjects = [], []
-    laminar = True
     for path in paths:
         recording = read_units(path, labels={"cell_type": LabelSpec("units.cell_type")})
-        notes = read_simulation_notes(path) or {}
-        settings = notes.get("settings", {})
-        laminar = laminar and settings.get("layout") == "laminar"
+        settings = (read_simulation_notes(path) or {}).get("settings", {})
 
         starts = np.full(recording.n_neurons, recording.t_start_s)
         stops = np.full(recording.n_neurons, recording.t_stop_s)
         features["own"].append(spike_train_features(recording.spike_times, starts, stops))
-        features["coupling"].append(neighbour_coupling(recording.spike_times, recording.positions, recording.t_stop_s, arguments.neighbours))
-        depth_fraction = recording.positions[:, 2] / float(settings.get("volume_um", [0, 0, 1])[2])
-        features["layer"].append(layer_one_hot(depth_fraction))
+        features["coupling"].append(
+            neighbour_coupling(recording.spike_times, recording.positions, recording.t_start_s, recording.t_stop_s, arguments.neighbours)
+        )
+        if settings.get("layout") == "laminar":
+            features["layer"].append(layer_one_hot(recording.positions[:, 2] / float(settings["volume_um"][2])))
+
         labels.extend(recording.labels["cell_type"].astype(str))
         subjects.extend([recording.subject] * recording.n_neurons)
         logger.info("read %s: %d neurons", path.name, recording.n_neurons)
@@ -78,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if test_subject not in subjects_array:
         parser.error(f"--test-subject {test_subject!r} is not among the animals of {arguments.folder}: {', '.join(dict.fromkeys(subjects))}")
     if np.all(subjects_array == test_subject):
-        parser.error(f"{arguments.folder} holds one animal only; the probe needs at least one more to fit on before it scores {test_subject}")
+        parser.error(f"{arguments.folder} contains one animal only; the probe needs at least one more to fit on before it scores {test_subject}")
+
     own = np.concatenate(features["own"])
     variants = {"own": own, "own + coupling": np.hstack([own, np.concatenate(features["coupling"])])}
-    if laminar:
+    if len(features["layer"]) == len(paths):
         variants["own + layer"] = np.hstack([own, np.concatenate(features["layer"])])
 
     scores = {name: score(matrix, labels_array, subjects_array, test_subject) for name, matrix in variants.items()}
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def neighbour_coupling(spike_times, positions_um: np.ndarray, duration_s: float, neighbours: int) -> np.ndarray:
+def neighbour_coupling(spike_times, positions_um: np.ndarray, t_start_s: float, t_stop_s: float, neighbours: int) -> np.ndarray:
     """Return ``(n_neurons, 1)``: each neuron's count correlation with its ``neighbours`` nearest neurons together."""
-    n_bins = int(duration_s / COUPLING_BIN_S)
-    edges_s = np.arange(n_bins + 1) * COUPLING_BIN_S
+    n_bins = int((t_stop_s - t_start_s) / COUPLING_BIN_S)
+    edges_s = t_start_s + np.arange(n_bins + 1) * COUPLING_BIN_S
     counts = np.stack([np.histogram(train, bins=edges_s)[0] for train in spike_times]).astype(float)  # (neurons, bins)
 
     distances_um = np.linalg.norm(positions_um[:, None, :] - positions_um[None, :, :], axis=-1)  # (neurons, neurons)

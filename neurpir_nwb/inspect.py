@@ -35,7 +35,6 @@ from neurpir_nwb.io import ophys as ophys_reader
 from neurpir_nwb.io import units as units_reader
 from neurpir_nwb.io.nwbfile import check_nwb_root, file_problems, open_hdf5, read_nwbfile
 from neurpir_nwb.io.problems import UNREADABLE, Problem, ProblemHandler, format_ids, is_missing_label
-from neurpir_nwb.progress import count_noun
 from neurpir_nwb.io.timeseries import (
     check_same_time_base,
     checked_timestamps,
@@ -44,6 +43,7 @@ from neurpir_nwb.io.timeseries import (
     series_rate_hz,
     series_timestamps_s,
 )
+from neurpir_nwb.progress import count_noun
 from neurpir_nwb.recipe import ProblemPolicy, Recipe, Source
 
 __all__ = ["FileReport", "TableReport", "exit_status", "inspect_file", "inspect_recipe_sources", "inspect_sources", "inspect_stream"]

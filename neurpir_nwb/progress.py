@@ -16,6 +16,7 @@ def count_noun(number: int, noun: str) -> str:
     """Return a count with its noun in the matching number: ``"1 file"`` or ``"3 files"``."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
+
 #: Called with the amount of work done so far.
 Advance = Callable[[int], None]
 

@@ -62,7 +62,7 @@ class Simulation(_Strict):
         ),
     )
     fast_input_sd: float | None = Field(
-        default=None, ge=0, description="SD of the fast input fluctuations (time constant fast_input_tau_s); 0, the default, leaves them out."
+        default=None, ge=0, description="SD of the fast input fluctuations (time constant fast_input_tau_s). At 0, the default, there are none."
     )
     fast_input_tau_s: float | None = Field(
         default=None, gt=0, description="Time constant in seconds of the fast input fluctuations; the simulator's default (0.2 s) when not given."

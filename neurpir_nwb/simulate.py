@@ -247,7 +247,7 @@ class SimulationSettings:
     reset_jitter_mv
         Standard deviation in mV of each neuron's c around its type's value.
     fast_input_sd
-        Standard deviation of the fast input fluctuations; 0 leaves them out.
+        Standard deviation of the fast input fluctuations. At 0 there are none.
     fast_input_tau_s
         Time constant in seconds of the fast input fluctuations.
     population_coupling
@@ -895,7 +895,7 @@ def _input_blocks(settings: SimulationSettings, rng: np.random.Generator, coupli
 
     The drifts and the fast fluctuations are Ornstein-Uhlenbeck processes sampled exactly
     on a 100 ms grid and held within each block. All start from their stationary
-    distribution. ``coupling`` holds each neuron's population coupling. With
+    distribution. ``coupling`` is each neuron's population coupling k. With
     ``fast_input_sd`` at 0, nothing is drawn for the fast fluctuations, so the input
     is the same as before they existed.
     """

@@ -73,13 +73,12 @@ def test_unknown_key_inside_label(tmp_path):
 
 def test_unknown_key_inside_simulation(tmp_path):
     text = "name: r\nsources:\n  - simulate:\n      animals: 2\n      populaton_coupling: {FS: 0.5}\n"
-    with pytest.raises(RecipeError) as caught:
+    expected = (
+        r"line 5: unknown key 'sources.0.simulate.populaton_coupling'; allowed keys here: animals, duration_s, "
+        r"fast_input_sd, .*; did you mean 'population_coupling'"
+    )
+    with pytest.raises(RecipeError, match=expected):
         load_recipe(write(tmp_path / "r.yaml", text))
-
-    message = str(caught.value)
-    assert "line 5: unknown key 'sources.0.simulate.populaton_coupling'" in message
-    assert "allowed keys here: animals, duration_s, fast_input_sd" in message
-    assert "did you mean 'population_coupling'" in message
 
 
 @pytest.mark.parametrize(

@@ -291,9 +291,9 @@ def test_population_coupling_follows_type_not_dynamics():
     rs_coupled = population_correlations(SimulationSettings(**base, population_coupling={"RS": 0.9}))
     ib_coupled = population_correlations(SimulationSettings(**base, population_coupling={"IB": 0.9}))
 
-    # A coupling of 0.9 shares 81 % of the fast input's variance. Spiking and 160 ms
-    # counts lose part of it (0.65 to 0.74 measured), and uncoupled neurons stay near 0,
-    # so 0.4 and 0.1 separate the two with a wide margin.
+    # A coupling of 0.9 gives the common part 81 % of the fast input's variance. Spiking
+    # and 160 ms counts lose part of it (0.65 to 0.74 measured), and uncoupled neurons
+    # stay near 0, so 0.4 and 0.1 separate the two with a wide margin.
     assert rs_coupled[0]["RS"] > 0.4
     assert rs_coupled[0]["IB"] < 0.1
     assert ib_coupled[0]["IB"] > 0.4
